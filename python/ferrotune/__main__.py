@@ -1,0 +1,3 @@
+from ferrotune.cli import main
+
+raise SystemExit(main())

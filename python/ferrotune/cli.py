@@ -1,0 +1,56 @@
+"""`ferrotune COMMAND ...`: the command line. Each command lives in its own module, which
+defines `add_arguments(parser)` and `run(args) -> int`; it is imported only when used, so
+`ferrotune --help` and `--version` start fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line summary). Modules register here, nothing else.
+COMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def _version() -> str:
+    from ferrotune._native import __version__
+
+    return __version__
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<12}{summary}" for name, (_, summary) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="ferrotune",
+        description="Fine-tune large language models.",
+        epilog=f"commands:\n{lines}\n\nRun `ferrotune COMMAND --help` for a command's options."
+        if COMMANDS
+        else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ferrotune {_version()}")
+    parser.add_argument("command", nargs="?", choices=sorted(COMMANDS), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _top_parser()
+        parser.parse_args(argv[:1])  # --help, --version, or an error naming the bad command
+        parser.print_help()
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"ferrotune {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+//! Data preparation: JSONL in, packed token shards out.
