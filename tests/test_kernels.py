@@ -15,7 +15,7 @@ from ferrotune.kernels import (
     swiglu,
     swiglu_reference,
 )
-from ferrotune.kernels._dispatch import triton_runs_on
+from ferrotune.kernels._dispatch import cpu_interpreter, triton_runs_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter computes bfloat16 through numpy, which has no bfloat16 and returns
@@ -39,8 +39,30 @@ def assert_close_all(a, b, atol, rtol):
         torch.testing.assert_close(ga, gb, atol=atol, rtol=rtol)
 
 
+@pytest.fixture(autouse=True)
+def triton_on_cpu_too():
+    """Kernels take the Triton path in these tests even on the CPU (under the interpreter)."""
+    if DEVICE == "cpu":
+        with cpu_interpreter():
+            yield
+    else:
+        yield
+
+
 def test_the_triton_path_is_exercised():
     assert triton_runs_on(torch.zeros(1, device=DEVICE))
+
+
+def test_cpu_tensors_take_the_reference_outside_the_interpreter_block():
+    with cpu_interpreter():
+        pass
+    import ferrotune.kernels._dispatch as dispatch
+
+    saved, dispatch._cpu_interpreter = dispatch._cpu_interpreter, False
+    try:
+        assert not triton_runs_on(torch.zeros(1))
+    finally:
+        dispatch._cpu_interpreter = saved
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 2e-2)])
