@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-
 from ferrotune.kernels import linear_cross_entropy
 from ferrotune.models.llama import CausalLM, LlamaConfig
 
