@@ -89,8 +89,10 @@ class _Rope(torch.autograd.Function):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x: (B, T, H, D) (any strides with a contiguous last dim) by cos/sin: (B or 1, T, D).
+    """Rotates x: (B, T, H, D) (any strides with a contiguous last dim) by cos/sin: (B or 1, T, D)
+    or (T, D).
     Gradients flow to x only (cos and sin are position tables)."""
     if triton_runs_on(x) and x.shape[-1] % 2 == 0:
         return _Rope.apply(x, cos, sin)
-    return apply_rope_reference(x, cos.expand(x.shape[0], -1, -1), sin.expand(x.shape[0], -1, -1))
+    full = (x.shape[0], x.shape[1], x.shape[-1])
+    return apply_rope_reference(x, cos.expand(full), sin.expand(full))

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ferrotune import kernels
 from ferrotune.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -184,10 +185,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)  # Triton on CUDA, the plain formula elsewhere
 
 
 def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -224,7 +222,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin. x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
+    """x * cos + rotate_half(x) * sin. x: (B, H, T, D); cos, sin: (B, 1, T, D). The formula the
+    attention's fused path (`ferrotune.kernels.apply_rope`, token-major) must equal."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -382,8 +381,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere.
+        q, k = kernels.apply_rope(q, cos[:, 0], sin[:, 0]), kernels.apply_rope(k, cos[:, 0], sin[:, 0])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D)
         if prefix_kv is not None:
@@ -414,6 +414,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu:
+            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # fused on CUDA
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
