@@ -76,10 +76,15 @@ def lognormal_lengths(budget: int, n: int, seed: int = 2) -> list[list[int]]:
     return out
 
 
-def packed_row(lengths: list[int], vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """All documents of one peer batch in ONE row, no padding: positions restart per document and
-    document ids keep attention inside each document."""
-    total = sum(lengths)
+def packed_row(lengths: list[int], vocab: int, g: torch.Generator, row: int) -> dict[str, torch.Tensor]:
+    """All documents of one peer batch in ONE row of `row` tokens (the peer's token budget, as
+    `ferrotune prepare` packs): positions restart per document, document ids keep attention inside
+    each document, and the tail is one padding run (document id -1, no loss). One fixed row length
+    keeps the compiled attention kernel from recompiling for every batch."""
+    pad = row - sum(lengths)
+    assert pad >= 0
+    lengths = [*lengths, pad] if pad else lengths
+    total = row
     ids = torch.randint(0, vocab, (1, total), device="cuda", generator=g)
     doc = torch.repeat_interleave(
         torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda")
@@ -91,16 +96,23 @@ def packed_row(lengths: list[int], vocab: int, g: torch.Generator) -> dict[str, 
     labels = torch.roll(ids, -1, dims=1)
     last = torch.cumsum(torch.tensor(lengths, device="cuda"), 0) - 1
     labels[0, last] = -100
-    return dict(input_ids=ids, labels=labels, position_ids=pos[None], document_ids=doc[None].to(torch.int32))
+    doc = doc.to(torch.int32)
+    if pad:
+        doc[-pad:] = -1
+        labels[0, -pad:] = -100
+    return dict(input_ids=ids, labels=labels, position_ids=pos[None], document_ids=doc[None])
 
 
-def train_case(name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False, compile_blocks=False):
+def train_case(
+    name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False, compile_blocks=False, checkpointed=None
+):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     model = build(shape, mode)
     inner = model.model if hasattr(model, "model") and isinstance(model.model, CausalLM) else model
     inner.gradient_checkpointing = gc_on
+    inner.model.checkpointed_layers = checkpointed
     if compile_blocks:
         for layer in inner.model.layers:
             layer.compile()
@@ -118,7 +130,7 @@ def train_case(name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False
     loss = torch.zeros(())
     for i in range(warm + steps):
         if varlen:
-            batch = packed_row(batches[i], vocab, g)
+            batch = packed_row(batches[i], vocab, g, bsz * seq)
         else:
             ids = torch.randint(0, vocab, (bsz, seq), device="cuda", generator=g)
             labels = torch.roll(ids, -1, dims=1)
@@ -136,14 +148,14 @@ def train_case(name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False
         torch.cuda.synchronize()
         if i >= warm:
             times.append(time.perf_counter() - start)
-            useful += int(batch["input_ids"].numel())
+            useful += sum(batches[i]) if varlen else bsz * seq  # real tokens, as the peer counts them
     times.sort()
     med = times[len(times) // 2]
     emit(dict(case=name, impl="ferrotune", mode=mode, bsz=bsz, seq=seq, grad_ckpt=gc_on, liger=False, varlen=varlen,
               trainable=ntrain, step_s_median=round(med, 4), step_s_min=round(times[0], 4),
               tokens_per_s=round(bsz * seq / med, 1), useful_tokens_per_s=round(useful / sum(times), 1),
               weights_gib=round(weights_gib, 2), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-              setup_s=round(setup_s, 1), loss=float(loss), compiled=compile_blocks))  # fmt: skip
+              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed))  # fmt: skip
     del model, opt, params, loss
     gc.collect()
     torch.cuda.empty_cache()
@@ -151,6 +163,12 @@ def train_case(name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False
 
 CASES = {
     "lora8b": lambda: train_case("lora8b", L8B, "lora", 4, 2048, True),
+    "lora8b_sel22": lambda: train_case("lora8b_sel22", L8B, "lora", 4, 2048, True, checkpointed=22),
+    "lora8b_sel24": lambda: train_case("lora8b_sel24", L8B, "lora", 4, 2048, True, checkpointed=24),
+    "full1b_compiled": lambda: train_case(
+        "full1b_compiled", L1B, "full", 8, 2048, False, compile_blocks=True
+    ),
+    "full1b_gc8": lambda: train_case("full1b_gc8", L1B, "full", 8, 2048, True, checkpointed=8),
     "lora8b_nogc": lambda: train_case("lora8b_nogc", L8B, "lora", 4, 2048, False),
     "lora8b_compiled": lambda: train_case("lora8b_compiled", L8B, "lora", 4, 2048, True, compile_blocks=True),
     "qlora8b": lambda: train_case("qlora8b", L8B, "qlora", 4, 2048, True),

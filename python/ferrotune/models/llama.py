@@ -289,7 +289,8 @@ def document_block_mask(document_ids: torch.Tensor, window: int | None) -> Any:
         return allowed
 
     batch, length = docs.shape
-    return create_block_mask(mask_mod, batch, None, length, length, device=docs.device)
+    # Compiled mask construction on CUDA: the eager one materialises a (B, T, T) boolean first.
+    return create_block_mask(mask_mod, batch, None, length, length, device=docs.device, _compile=docs.is_cuda)
 
 
 _compiled_flex: Any = None
@@ -305,7 +306,7 @@ def flex_attention(
     fn = flex
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex, dynamic=False)
+            _compiled_flex = torch.compile(flex)
         fn = _compiled_flex
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -467,6 +468,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # With checkpointing on, only the first N blocks recompute (None: all). Memory left over
+        # by full checkpointing buys speed: each block not recomputed saves a forward pass.
+        self.checkpointed_layers: int | None = None
         # "auto": FlexAttention for packed rows on CUDA, SDPA otherwise; "sdpa"; "flex" (tests).
         self.attention_backend = "auto"
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -505,7 +509,8 @@ class LlamaModel(nn.Module):
         mask = self._attention_mask(x, document_ids, kv_cache, prefix_kv)
         for i, layer in enumerate(self.layers):
             prefix = prefix_kv[i] if prefix_kv is not None else None
-            if self.gradient_checkpointing and self.training and kv_cache is None:
+            recompute = self.checkpointed_layers is None or i < self.checkpointed_layers
+            if self.gradient_checkpointing and recompute and self.training and kv_cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, None, prefix, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, prefix)
