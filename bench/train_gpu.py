@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from ferrotune import kernels
 from ferrotune.kernels import linear_cross_entropy
 from ferrotune.models.llama import CausalLM, LlamaConfig
 
@@ -76,11 +77,26 @@ def lognormal_lengths(budget: int, n: int, seed: int = 2) -> list[list[int]]:
     return out
 
 
+def pack_rows(batches: list[list[int]], row: int) -> list[list[int]]:
+    """The peer's documents (all its batches, flattened) packed best-fit-decreasing into rows of
+    `row` tokens, as `ferrotune prepare` packs: the same documents, without the padding."""
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for length in sorted((n for lens in batches for n in lens), reverse=True):
+        best = min((i for i in range(len(rows)) if space[i] >= length), key=lambda i: space[i], default=None)
+        if best is None:
+            rows.append([])
+            space.append(row)
+            best = len(rows) - 1
+        rows[best].append(length)
+        space[best] -= length
+    return rows
+
+
 def packed_row(lengths: list[int], vocab: int, g: torch.Generator, row: int) -> dict[str, torch.Tensor]:
-    """All documents of one peer batch in ONE row of `row` tokens (the peer's token budget, as
-    `ferrotune prepare` packs): positions restart per document, document ids keep attention inside
-    each document, and the tail is one padding run (document id -1, no loss). One fixed row length
-    keeps the compiled attention kernel from recompiling for every batch."""
+    """One packed row of `row` tokens: positions restart per document, document ids keep
+    attention inside each document, and the tail is one padding run (document id -1, no loss).
+    One fixed row length keeps the compiled attention kernel from recompiling for every batch."""
     pad = row - sum(lengths)
     assert pad >= 0
     lengths = [*lengths, pad] if pad else lengths
@@ -114,6 +130,7 @@ def train_case(
     inner.gradient_checkpointing = gc_on
     inner.model.checkpointed_layers = checkpointed
     if compile_blocks:
+        kernels.set_enabled(False)  # Inductor fuses the plain formulas itself
         for layer in inner.model.layers:
             layer.compile()
     weights_gib = torch.cuda.memory_allocated() / 2**30
@@ -125,7 +142,10 @@ def train_case(
     model.train()
     vocab = shape["vocab_size"]
     g = torch.Generator(device="cuda").manual_seed(1)
-    batches = lognormal_lengths(bsz * seq, warm + steps) if varlen else None
+    # varlen: the peer's documents for 6x its step count, packed into rows of its token budget.
+    batches = pack_rows(lognormal_lengths(bsz * seq, 6 * (warm + steps)), bsz * seq) if varlen else None
+    if varlen:
+        steps = len(batches) - warm
     times, useful = [], 0
     loss = torch.zeros(())
     for i in range(warm + steps):
@@ -156,6 +176,7 @@ def train_case(
               tokens_per_s=round(bsz * seq / med, 1), useful_tokens_per_s=round(useful / sum(times), 1),
               weights_gib=round(weights_gib, 2), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
               setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed))  # fmt: skip
+    kernels.set_enabled(True)
     del model, opt, params, loss
     gc.collect()
     torch.cuda.empty_cache()
@@ -170,6 +191,9 @@ CASES = {
     ),
     "full1b_gc8": lambda: train_case("full1b_gc8", L1B, "full", 8, 2048, True, checkpointed=8),
     "lora8b_nogc": lambda: train_case("lora8b_nogc", L8B, "lora", 4, 2048, False),
+    "lora8b_sel22_compiled": lambda: train_case(
+        "lora8b_sel22_compiled", L8B, "lora", 4, 2048, True, compile_blocks=True, checkpointed=22
+    ),
     "lora8b_compiled": lambda: train_case("lora8b_compiled", L8B, "lora", 4, 2048, True, compile_blocks=True),
     "qlora8b": lambda: train_case("qlora8b", L8B, "qlora", 4, 2048, True),
     "full1b": lambda: train_case("full1b", L1B, "full", 8, 2048, False),

@@ -5,6 +5,7 @@ elsewhere, so the same model code trains on CPU and CUDA."""
 
 from __future__ import annotations
 
+from ferrotune.kernels._dispatch import set_enabled
 from ferrotune.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from ferrotune.kernels.rmsnorm import rms_norm, rms_norm_reference
 from ferrotune.kernels.rope import apply_rope, apply_rope_reference
@@ -17,6 +18,7 @@ __all__ = [
     "linear_cross_entropy_reference",
     "rms_norm",
     "rms_norm_reference",
+    "set_enabled",
     "swiglu",
     "swiglu_reference",
 ]

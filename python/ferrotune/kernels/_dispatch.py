@@ -19,6 +19,15 @@ except ImportError:  # pragma: no cover - torch wheels ship triton on Linux
     HAVE_TRITON = False
 
 _cpu_interpreter = False
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the Triton kernels off (every call takes the PyTorch reference) or back on. Off is
+    what `torch.compile` wants: Inductor fuses the plain formulas itself, while opaque kernel
+    launches would break its graphs."""
+    global _enabled
+    _enabled = enabled
 
 
 @contextlib.contextmanager
@@ -36,4 +45,4 @@ def cpu_interpreter() -> Iterator[None]:
 
 def triton_runs_on(tensor: torch.Tensor) -> bool:
     """Whether the Triton path serves `tensor`."""
-    return HAVE_TRITON and (tensor.is_cuda or (_cpu_interpreter and tensor.device.type == "cpu"))
+    return _enabled and HAVE_TRITON and (tensor.is_cuda or (_cpu_interpreter and tensor.device.type == "cpu"))
