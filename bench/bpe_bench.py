@@ -32,7 +32,9 @@ def read_texts(path: str, field: str, limit: int | None) -> list[str]:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -50,9 +52,8 @@ def main() -> int:
 
     import numpy as np
     import torch
-    from tokenizers import Tokenizer
-
     from ferrotune._native import FastBpe
+    from tokenizers import Tokenizer
 
     tok_path = args.tokenizer or os.path.join(args.data, "tokenizer.json")
     texts = read_texts(os.path.join(args.data, args.file), args.field, args.limit)

@@ -21,6 +21,7 @@ import random
 
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
     r"\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -30,20 +31,35 @@ QWEN2_PATTERN = (
     r"\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (word lists read best as text)
     "the of and to in is that it was for on are as with his they at be this from have or by one had not "
     "but what all were when we there can an your which their said if do will each about how up out them "
     "then she many some so these would other into has more her two like him see time could no make than "
     "Hello World Python Rust tokenizer encoder merges vocabulary hello world"
 ).split()
-FOREIGN = (
+FOREIGN = (  # noqa: SIM905
     "naïve café résumé Zürich straße Ελληνικά русский язык український 中文字符 日本語のテキスト "
     "한국어 문장 العربية עברית हिन्दी ไทย Tiếng Việt emoji 😀 👍🏽 👨‍👩‍👧 🇫🇷 e\u0301 a\u0308 "
     "ﬁ ſ K Å ½ ² ٣٤٥ ⅻ"
 ).split()
 CONTRACTIONS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'Re", "'ſ", "'x", "''"]
-PUNCT = list(".,;:!?-_()[]{}<>/\\|@#$%^&*+=~`\"'") + ["...", "--", "!!!", "?!", "://", "<|", "|>"]
-SPACES = [" ", " ", " ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "\t\t", "\u3000", "\u00a0", "\u2028"]
+PUNCT = [*".,;:!?-_()[]{}<>/\\|@#$%^&*+=~`\"'", "...", "--", "!!!", "?!", "://", "<|", "|>"]
+SPACES = [
+    " ",
+    " ",
+    " ",
+    "  ",
+    "   ",
+    "\t",
+    "\n",
+    "\n\n",
+    "\r\n",
+    " \n ",
+    "\t\t",
+    "\u3000",
+    "\u00a0",
+    "\u2028",
+]
 
 # Strings every tokenizer must get exactly right.
 HARD_STRINGS = [

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 
 use super::errors::run_detached;
 use super::tensor::NativeTensor;
-use crate::data::bpe::FastBpe;
+use crate::data::bpe::{FastBpe, SplitRegex};
 use crate::io::Dtype;
 
 /// The fast byte-level BPE encoder (identical ids to HF `tokenizers` on what it accepts).
@@ -88,7 +88,19 @@ impl PyFastBpe {
     }
 }
 
+/// The pieces of `text` under the hand-written scanner for the split regex `pattern` (one of the
+/// GPT-2, Llama 3 and Qwen2 patterns), or `None` for any other pattern. For tests against the
+/// real regex.
+#[pyfunction]
+fn bpe_split_pieces(pattern: &str, text: &str) -> Option<Vec<String>> {
+    let scanner = SplitRegex::from_pattern(pattern)?;
+    let mut pieces = Vec::new();
+    scanner.split(text, |p| pieces.push(p.to_string()));
+    Some(pieces)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyFastBpe>()?;
+    m.add_function(wrap_pyfunction!(bpe_split_pieces, m)?)?;
     Ok(())
 }

@@ -180,10 +180,8 @@ mod tests {
     /// ranks do not follow creation order (unlike a trained table), to stress tie-breaking.
     fn table(pairs: &[(u32, u32)]) -> Merges {
         let mut m = Merges::default();
-        let mut next_id = 4;
         for (rank, &(a, b)) in pairs.iter().enumerate() {
-            m.insert(a, b, rank as u32, next_id);
-            next_id += 1;
+            m.insert(a, b, rank as u32, 4 + rank as u32);
         }
         m
     }
