@@ -4,6 +4,7 @@
 mod bpe;
 mod errors;
 mod io;
+mod quant;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -24,5 +25,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tensor::register(m)?;
     io::register(m)?;
     bpe::register(m)?;
+    quant::register(m)?;
     Ok(())
 }
