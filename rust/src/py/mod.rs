@@ -3,6 +3,7 @@
 
 mod errors;
 mod io;
+mod merge;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -22,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     tensor::register(m)?;
     io::register(m)?;
+    merge::register(m)?;
     Ok(())
 }
