@@ -50,3 +50,15 @@ def save_safetensors(
     tensors: Sequence[tuple[str, str, Sequence[int], Buffer]],
     metadata: dict[str, str] | None = None,
 ) -> None: ...
+
+# --- merge: adapter merging, combination, extraction, export (rust/src/py/merge.rs) ---
+
+def merge_adapter(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]: ...
+def read_adapter(adapter: str | os.PathLike[str]) -> dict[str, Any]: ...

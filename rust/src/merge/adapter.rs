@@ -339,6 +339,9 @@ pub struct Adapter {
     pub warnings: Vec<String>,
 }
 
+/// Records one adapter key in a module's parts.
+type SetPart = fn(&mut Parts, String);
+
 #[derive(Default)]
 struct Parts {
     a: Option<String>,
@@ -382,7 +385,7 @@ impl Adapter {
                     format!("PEFT keys start with {KEY_PREFIX:?}"),
                 )
             })?;
-            let suffixes: [(&str, fn(&mut Parts, String)); 8] = [
+            let suffixes: [(&str, SetPart); 8] = [
                 (".lora_A.weight", |p, k| p.a = Some(k)),
                 (".lora_B.weight", |p, k| p.b = Some(k)),
                 (".lora_B.bias", |p, k| p.bias = Some(k)),
