@@ -11,6 +11,7 @@ import sys
 # command -> (module, one-line summary). Modules register here, nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
+    "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
 }
 
 

@@ -5,6 +5,7 @@ mod bpe;
 mod errors;
 mod io;
 mod quant;
+mod merge;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -26,5 +27,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     io::register(m)?;
     bpe::register(m)?;
     quant::register(m)?;
+    merge::register(m)?;
     Ok(())
 }
