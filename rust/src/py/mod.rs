@@ -4,8 +4,8 @@
 mod bpe;
 mod errors;
 mod io;
-mod quant;
 mod merge;
+mod quant;
 mod tensor;
 
 use pyo3::prelude::*;
