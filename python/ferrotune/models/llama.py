@@ -415,6 +415,10 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu and type(self.down_proj) is nn.Linear and x.is_cuda:
+            # Plain down projection: the fused path that recomputes silu(g) * u in backward.
+            down = self.down_proj
+            return kernels.swiglu_linear(self.gate_proj(x), self.up_proj(x), down.weight, down.bias)
         if self.act is F.silu:
             return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # fused on CUDA
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
