@@ -9,7 +9,9 @@ import importlib
 import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("ferrotune.data.prepare", "tokenize, mask and pack JSONL into training shards"),
+}
 
 
 def _version() -> str:
