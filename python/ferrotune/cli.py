@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
     "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
+    "prepare": ("ferrotune.data.prepare", "tokenize, mask and pack JSONL into training shards"),
 }
 
 
