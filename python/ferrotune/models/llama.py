@@ -382,7 +382,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere.
+        # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere;
+        # either way q and k keep their dtype (under autocast the tables are fp32, q and k bf16).
         q, k = kernels.apply_rope(q, cos[:, 0], sin[:, 0]), kernels.apply_rope(k, cos[:, 0], sin[:, 0])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if kv_cache is not None:
