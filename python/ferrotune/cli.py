@@ -9,7 +9,9 @@ import importlib
 import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quantize": ("ferrotune.quant.command", "quantize a checkpoint to bitsandbytes 4-bit (NF4/FP4)"),
+}
 
 
 def _version() -> str:
