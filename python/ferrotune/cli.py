@@ -10,6 +10,7 @@ import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
     "quantize": ("ferrotune.quant.command", "quantize a checkpoint to bitsandbytes 4-bit (NF4/FP4)"),
 }
 
