@@ -66,6 +66,7 @@ class FastBpe:
     def encode_batch_flat(self, texts: Sequence[str]) -> tuple[NativeTensor, NativeTensor]: ...
 
 def bpe_split_pieces(pattern: str, text: str) -> list[str] | None: ...
+
 # --- quantization (ferrotune.quant) ---
 
 def quantize_4bit(
