@@ -57,7 +57,7 @@ if HAVE_TRITON:
             q = tl.load(ABSMAX + block, mask=live, other=0).to(tl.int32)
             code = tl.load(CODE8 + q, mask=live, other=0.0)
             scale = tl.load(NESTED_ABSMAX + block // 256, mask=live, other=0.0)
-            if EXACT_MUL:
+            if EXACT_MUL:  # noqa: SIM108 (a compile-time branch of the kernel)
                 absmax = libdevice.mul_rn(code, scale) + offset
             else:
                 absmax = _product(code, scale) + offset

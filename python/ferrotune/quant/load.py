@@ -129,7 +129,7 @@ def load_nf4_model(
         if type(module) is not nn.Linear:
             continue
         w = f"{name}.weight"
-        bias = checkpoint[f"{name}.bias"] if f"{name}.bias" in checkpoint else None
+        bias = checkpoint.get(f"{name}.bias")
         if prequantized and any(k.startswith(w + _QUANT_STATE) for k in names):
             layer = nf4_from_bnb_tensors(_Lazy(checkpoint, w), w, bias, compute_dtype, where)
         elif not prequantized and name not in skip and name.rsplit(".", 1)[-1] not in skip:
