@@ -109,19 +109,28 @@ def collate_rows(
     return out
 
 
+def mismatched_pair(pairs: Sequence[PreferencePair], i: int, seq_len: int) -> PreferencePair:
+    """KTO's mismatched document for pair i: its prompt with the chosen completion of pair i + 1
+    (cyclically, in dataset order, so the choice is fixed and its reference log-prob cacheable),
+    cut to fit `seq_len`."""
+    prompt = pairs[i].prompt
+    other = pairs[(i + 1) % len(pairs)].chosen[: max(seq_len - len(prompt), 0)]
+    return PreferencePair(prompt, other, other)
+
+
 def mismatched_batch(
     pairs: Sequence[PreferencePair], pair_index: torch.Tensor, seq_len: int, pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """KTO's mismatched documents for the pairs of one batch: prompt i with the chosen completion
-    of the next pair (cyclically), packed into their own rows. Returns the four `kl_*` tensors."""
+    """The mismatched documents of one batch's pairs, packed into their own rows: the four `kl_*`
+    tensors and `kl_pair_index` (whose pair each document stands for)."""
     members = [int(i) for i in pair_index.flatten().tolist() if i >= 0]
-    shifted = [
-        PreferencePair(pairs[i].prompt, pairs[members[(k + 1) % len(members)]].chosen, [])
-        for k, i in enumerate(members)
-    ]
-    rows = pack_pairs([PreferencePair(p.prompt, p.chosen, p.chosen) for p in shifted], seq_len)
+    shifted = [mismatched_pair(pairs, i, seq_len) for i in members]
+    rows = pack_pairs(shifted, seq_len)
     side = collate_rows(shifted, rows, seq_len, pad_id)
-    return {f"kl_{name}": side[f"chosen_{name}"] for name in FIELDS}
+    out = {f"kl_{name}": side[f"chosen_{name}"] for name in FIELDS}
+    local = side["pair_index"]
+    out["kl_pair_index"] = torch.where(local >= 0, torch.tensor(members)[local.clamp(min=0)], -1)
+    return out
 
 
 def preference_batches(
