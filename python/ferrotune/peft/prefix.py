@@ -152,10 +152,15 @@ class PrefixModel(nn.Module):
         self.disabled = False
         self._inference_cache: dict[tuple[str, int], PrefixKV] = {}
 
-    # -- the LM's surface
+    # -- the LM's surface (what the trainer and `generate` use)
     @property
     def config(self) -> Any:
         return self.base_model.config
+
+    @property
+    def model(self) -> nn.Module:
+        """The LM's decoder stack (`CausalLM.model`)."""
+        return self.base_model.model
 
     @property
     def gradient_checkpointing(self) -> bool:
