@@ -9,15 +9,16 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ferrotune.train.preference_losses import document_logps, token_logps
+from ferrotune.train.preference_losses import document_logps, entropy_from_logits, token_logps
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -162,3 +163,168 @@ class MetricsLog:
         elapsed = time.perf_counter() - self.start
         where = f"; metrics in {self.path}" if self.path else ""
         return f"[{self.name}] {int(last['step'])} steps in {elapsed:.1f}s; final: {shown}{where}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts (PPO, GRPO): prompts + sampled responses as right-padded rows
+#
+# Per-token quantities live in RESPONSE coordinates (B, R): column k is the k-th response token,
+# its log-prob read at row position prompt_len - 1 + k (labels are pre-shifted), with `mask` 1 on
+# real response tokens. Everything is left-aligned, as GAE expects.
+
+RewardFn = Callable[[list[list[int]], list[list[int]]], list[float]]
+
+
+@dataclass
+class Rollout:
+    prompts: list[list[int]]
+    responses: list[list[int]]  # sampled tokens, the stop token included when one was emitted
+    input_ids: torch.Tensor  # (B, T) prompt + response, right-padded
+    labels: torch.Tensor  # (B, T) response tokens, pre-shifted; -100 elsewhere
+    position_ids: torch.Tensor  # (B, T)
+    document_ids: torch.Tensor  # (B, T) 0 on tokens, -1 on padding
+    gather_index: torch.Tensor  # (B, R) row position scoring response token k
+    mask: torch.Tensor  # (B, R) float, 1 on response tokens
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout restricted to some rows (a minibatch)."""
+        picked = rows.tolist()
+        return Rollout(
+            [self.prompts[i] for i in picked],
+            [self.responses[i] for i in picked],
+            self.input_ids[rows],
+            self.labels[rows],
+            self.position_ids[rows],
+            self.document_ids[rows],
+            self.gather_index[rows],
+            self.mask[rows],
+        )
+
+
+def build_rollout(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> Rollout:
+    batch = len(prompts)
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    width = max(max(len(r) for r in responses), 1)
+    ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    positions = torch.zeros((batch, length), dtype=torch.long)
+    documents = torch.full((batch, length), -1, dtype=torch.int32)
+    gather = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros((batch, width))
+    for b, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        tokens = list(prompt) + list(response)
+        n, p = len(tokens), len(prompt)
+        ids[b, :n] = torch.tensor(tokens)
+        positions[b, :n] = torch.arange(n)
+        documents[b, :n] = 0
+        if response:
+            labels[b, p - 1 : n - 1] = torch.tensor(list(response))
+            gather[b, : len(response)] = torch.arange(p - 1, n - 1)
+            mask[b, : len(response)] = 1.0
+    return Rollout(
+        [list(p) for p in prompts],
+        [list(r) for r in responses],
+        ids.to(device),
+        labels.to(device),
+        positions.to(device),
+        documents.to(device),
+        gather.to(device),
+        mask.to(device),
+    )
+
+
+def rollout_forward(
+    model: nn.Module, rollout: Rollout, *, with_hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-probs (B, R), entropies (B, R), hidden states (B, T, H) or None) of the responses."""
+    kwargs = dict(position_ids=rollout.position_ids, document_ids=rollout.document_ids)
+    hidden = None
+    if with_hidden:
+        hidden = model.hidden_states(rollout.input_ids, **kwargs)
+        logits = model.lm_head(hidden)
+    else:
+        logits = model(rollout.input_ids, **kwargs)  # (B, T, V)
+    per_token = token_logps(logits, rollout.labels).gather(1, rollout.gather_index)
+    with torch.no_grad():
+        picked = logits.gather(1, rollout.gather_index[..., None].expand(-1, -1, logits.shape[-1]))
+        entropy = entropy_from_logits(picked)
+    return per_token * rollout.mask, entropy * rollout.mask, hidden
+
+
+def sample_responses(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop_tokens: Sequence[int],
+    pad_id: int,
+    seed: int,
+) -> list[list[int]]:
+    """Samples one response per prompt with the KV-cache generator; unlike `generate`'s output
+    the stop token is kept, so the policy is also trained on when to stop."""
+    from ferrotune.models.generate import Sampling, generate
+
+    steps: list[torch.Tensor] = []
+    generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=Sampling(temperature, top_k, top_p),
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+        seed=seed,
+        on_step=lambda token: steps.append(token.detach().cpu()),
+    )
+    stops = set(stop_tokens)
+    out = []
+    for row in torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]:
+        kept: list[int] = []
+        for token in row:
+            kept.append(token)
+            if token in stops:
+                break
+        out.append(kept)
+    return out
+
+
+def reward_from_function(fn: Callable[[list[int], list[int]], float]) -> RewardFn:
+    """A batch reward from a per-sample Python function fn(prompt_ids, response_ids) -> float."""
+    return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses, strict=True)]
+
+
+def reward_from_model(
+    reward_model: nn.Module, pad_id: int, *, adapter: str | None = None, restore: str | None = None
+) -> RewardFn:
+    """A batch reward from a `RewardModel` scoring prompt + response at its last token. With
+    `adapter`, the reward model shares its decoder with the policy and that LoRA adapter is made
+    active while scoring (then `restore` is made active again)."""
+
+    @torch.no_grad()
+    def score(prompts: list[list[int]], responses: list[list[int]]) -> list[float]:
+        device = next(reward_model.parameters()).device
+        rollout = build_rollout(prompts, responses, pad_id, device)
+        if adapter is not None:
+            from ferrotune.peft import set_active
+
+            set_active(reward_model, adapter)
+        try:
+            with autocast(device):
+                scores = reward_model(
+                    rollout.input_ids,
+                    position_ids=rollout.position_ids,
+                    document_ids=rollout.document_ids,
+                    num_documents=1,
+                )
+        finally:
+            if adapter is not None and restore is not None:
+                from ferrotune.peft import set_active
+
+                set_active(reward_model, restore)
+        return scores[:, 0].float().tolist()
+
+    return score
