@@ -8,10 +8,10 @@ import random
 
 import pytest
 import torch
+from ferrotune.config import DPOConfig, TrainConfig
 from ferrotune.errors import FormatError
 from ferrotune.models.llama import CausalLM, LlamaConfig
 from ferrotune.train.dpo import (
-    DPOConfig,
     batch_logps,
     flatten_pairs,
     load_or_compute_reference,
@@ -91,13 +91,14 @@ def test_every_loss_type_raises_the_margin(case):
     model = tiny_lm(seed=1)
     train, held_out = preference_pairs(96, seed=0), preference_pairs(48, seed=1)
     before = logp_margin(model, held_out, batch_size=16, seq_len=32, pad_id=PAD)
-    config = DPOConfig(**CASES[case], epochs=2, batch_size=8, seq_len=32, lr=3e-3, log_every=1)
-    history = train_preference(model, train, config, pad_id=PAD, quiet=True)
+    method = DPOConfig(**CASES[case])
+    steps = TrainConfig(steps=6, batch_size=8, lr=3e-3, schedule="constant")
+    history = train_preference(model, train, method, steps, seq_len=32, pad_id=PAD, log_every=1, quiet=True)
     after = logp_margin(model, held_out, batch_size=16, seq_len=32, pad_id=PAD)
     assert after > before + 2.0, (case, before, after)
     first, last = history[0], history[-1]
     assert last["logp_margin"] > first["logp_margin"]
-    if config.loss_type != "orpo":  # ORPO's total includes the (falling, then flat) NLL term
+    if method.loss_type != "orpo":  # ORPO's total includes the (falling, then flat) NLL term
         assert last["loss"] < first["loss"]
 
 
@@ -107,17 +108,21 @@ def test_reference_cache_matches_the_live_reference(tmp_path):
     live = train_preference(
         tiny_lm(seed=4),
         pairs,
-        DPOConfig(beta=0.3, epochs=1, batch_size=4, seq_len=32, lr=1e-3, log_every=1),
+        DPOConfig(beta=0.3),
+        TrainConfig(steps=3, batch_size=4, lr=1e-3),
+        seq_len=32,
         pad_id=PAD,
+        log_every=1,
         quiet=True,
     )
     cached_run = train_preference(
         tiny_lm(seed=4),
         pairs,
-        DPOConfig(
-            beta=0.3, epochs=1, batch_size=4, seq_len=32, lr=1e-3, log_every=1, reference_cache=str(cache)
-        ),
+        DPOConfig(beta=0.3, reference_cache=str(cache)),
+        TrainConfig(steps=3, batch_size=4, lr=1e-3),
+        seq_len=32,
         pad_id=PAD,
+        log_every=1,
         quiet=True,
     )
     assert cache.exists()

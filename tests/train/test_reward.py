@@ -8,11 +8,11 @@ import random
 
 import pytest
 import torch
+from ferrotune.config import RewardConfig, TrainConfig
 from ferrotune.models.llama import LlamaConfig
 from ferrotune.train.preference_data import PreferencePair, preference_batches
 from ferrotune.train.reward import (
     RewardModel,
-    RewardTrainConfig,
     evaluate_reward_model,
     init_score_head,
     load_reward_model,
@@ -86,8 +86,10 @@ def test_training_separates_a_preference_task():
     model = tiny_reward_model(seed=1)
     train, held_out = separable_pairs(240, seed=0), separable_pairs(100, seed=1)
     before = evaluate_reward_model(model, held_out, batch_size=16, seq_len=48, pad_id=PAD)
-    config = RewardTrainConfig(epochs=3, batch_size=8, seq_len=48, lr=3e-3, log_every=1000)
-    after = train_reward_model(model, train, config, pad_id=PAD, eval_pairs=held_out, quiet=True)
+    train_config = TrainConfig(steps=18, batch_size=8, lr=3e-3, schedule="constant")
+    after = train_reward_model(
+        model, train, RewardConfig(), train_config, seq_len=48, pad_id=PAD, eval_pairs=held_out, quiet=True
+    )
     assert before["accuracy"] < 0.75
     assert after["accuracy"] > 0.9, (before, after)
     assert after["loss"] < before["loss"]
@@ -107,10 +109,17 @@ def test_margin_enters_the_loss(tmp_path):
             for p in pairs
         ]
     for use_margin, m in ((False, 0.0), (True, 3.0)):
-        config = RewardTrainConfig(
-            epochs=1, batch_size=8, seq_len=48, lr=0.0, use_margin=use_margin, log_every=1
+        train_reward_model(
+            model,
+            pairs,
+            RewardConfig(use_margin=use_margin),
+            TrainConfig(steps=1, batch_size=8, lr=0.0),
+            seq_len=48,
+            pad_id=PAD,
+            run_dir=tmp_path / str(m),
+            log_every=1,
+            quiet=True,
         )
-        train_reward_model(model, pairs, config, pad_id=PAD, run_dir=tmp_path / str(m), quiet=True)
         logged = json.loads((tmp_path / str(m) / "metrics.jsonl").read_text().splitlines()[0])["loss"]
         expected = sum(-math.log(1 / (1 + math.exp(-(g - m)))) for g in gaps) / len(gaps)
         assert math.isclose(logged, expected, rel_tol=1e-4), (use_margin, logged, expected)

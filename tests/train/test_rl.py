@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
+from ferrotune.config import GRPOConfig, PPOConfig, TrainConfig
 from ferrotune.models.llama import CausalLM, LlamaConfig
 from ferrotune.peft import LoraConfig, adapter_names, apply_peft, merge, set_active
 from ferrotune.train.alignment import (
@@ -19,8 +19,8 @@ from ferrotune.train.alignment import (
     rollout_forward,
     sample_responses,
 )
-from ferrotune.train.grpo import GRPOConfig, train_grpo
-from ferrotune.train.ppo import PPOConfig, train_ppo
+from ferrotune.train.grpo import train_grpo
+from ferrotune.train.ppo import train_ppo
 from ferrotune.train.reward import RewardModel, init_score_head
 
 PLUS, EQUALS, EOS, PAD = 10, 11, 12, 13
@@ -28,15 +28,6 @@ PROMPTS = [[a, PLUS, b, EQUALS] for a in range(3) for b in range(3)]
 # Explicit projections: a second adapter with "all-linear" would also match the first adapter's
 # own lora_A / lora_B layers in this PEFT version.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_lm(seed: int = 0) -> CausalLM:
@@ -111,17 +102,11 @@ def mean_reward(history: list[dict[str, float]], first: int | None = None, last:
 def test_grpo_raises_the_arithmetic_reward():
     model = tiny_lm(seed=1)
     start = greedy_accuracy(model)
-    config = GRPOConfig(
-        iterations=60,
-        prompts_per_iteration=8,
-        group_size=8,
-        minibatch=32,
-        grpo_epochs=2,
-        max_new_tokens=2,
-        lr=5e-3,
-        beta=0.04,
+    method = GRPOConfig(
+        prompts_per_iteration=8, group_size=8, minibatch=32, grpo_epochs=2, max_new_tokens=2, beta=0.04
     )
-    history = train_grpo(model, PROMPTS, verify, config, stop_tokens=[EOS], pad_id=PAD, quiet=True)
+    steps = TrainConfig(steps=60, lr=5e-3, schedule="constant")
+    history = train_grpo(model, PROMPTS, verify, method, steps, stop_tokens=[EOS], pad_id=PAD, quiet=True)
     before, after = mean_reward(history, first=3), mean_reward(history, last=5)
     assert before < 0.25 and after > 0.6, (before, after)
     assert greedy_accuracy(model) >= start + 0.4
@@ -131,19 +116,18 @@ def test_grpo_raises_the_arithmetic_reward():
 def test_ppo_full_finetuning_raises_the_arithmetic_reward():
     """Full fine-tuning: value head on the policy's hidden states, reference a frozen copy."""
     model = tiny_lm(seed=3)
-    config = PPOConfig(
-        iterations=36,
+    method = PPOConfig(
         rollout_batch=64,
         minibatch=32,
         ppo_epochs=4,
         max_new_tokens=2,
-        lr=5e-3,
         kl_coef=0.01,
         value_coef=0.5,
         value_adapter=None,
     )
+    steps = TrainConfig(steps=36, lr=5e-3, schedule="constant")
     history = train_ppo(
-        model, PROMPTS, reward_from_function(verify), config, stop_tokens=[EOS], pad_id=PAD, quiet=True
+        model, PROMPTS, reward_from_function(verify), method, steps, stop_tokens=[EOS], pad_id=PAD, quiet=True
     )
     before, after = mean_reward(history, first=3), mean_reward(history, last=5)
     assert before < 0.25 and after > 0.5, (before, after)
@@ -160,25 +144,24 @@ def test_ppo_with_lora_adapters_on_one_base():
     lora = LoraConfig(r=8, alpha=16, target_modules=LORA_TARGETS)
     apply_peft(model, lora, "policy")
     apply_peft(model, lora, "value")
-    config = PPOConfig(
-        iterations=32,
+    method = PPOConfig(
         rollout_batch=64,
         minibatch=32,
         ppo_epochs=4,
         max_new_tokens=2,
-        lr=3e-3,
         kl_coef=0.01,
         adaptive_kl=True,
         kl_target=0.5,
         kl_horizon=1000,
         value_coef=0.5,
     )
+    steps = TrainConfig(steps=32, lr=3e-3, schedule="constant")
     history = train_ppo(
-        model, PROMPTS, reward_from_function(verify), config, stop_tokens=[EOS], pad_id=PAD, quiet=True
+        model, PROMPTS, reward_from_function(verify), method, steps, stop_tokens=[EOS], pad_id=PAD, quiet=True
     )
     before, after = mean_reward(history, first=3), mean_reward(history, last=5)
     assert before < 0.25 and after > 0.35 and after > 3 * before, (before, after)
-    assert history[-1]["kl_coef"] > config.kl_coef  # KL above target: the controller raised β
+    assert history[-1]["kl_coef"] > method.kl_coef  # KL above target: the controller raised β
     # the base weights, which are the reference, never changed
     after_state = model.state_dict()
     for name, value in base_before.items():

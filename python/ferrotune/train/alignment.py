@@ -6,11 +6,10 @@ full fine-tuning), the optimizer and learning-rate schedule, and a metrics log w
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,38 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ferrotune.train.preference_losses import document_logps, entropy_from_logits, token_logps
+from ferrotune.config import TrainConfig
+from ferrotune.train.loop import autocast_context, build_optimizer, learning_rate, resolve_precision
+from ferrotune.train.preference_losses import entropy_from_logits, token_logps
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA, nothing (fp32) on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast(device: torch.device, precision: str = "auto") -> Any:
+    """bf16 autocast on CUDA (precision "auto" or "bf16-mixed"), nothing (fp32) on CPU."""
+    return autocast_context(device, resolve_precision(precision, device))
 
 
 # ----------------------------------------------------------------------------------------------
 # Log-probabilities of packed rows
-
-
-def side_logps(
-    model: nn.Module, batch: dict[str, torch.Tensor], side: str, num_documents: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Runs `model` on the `side` rows of a packed preference batch (`chosen`, `rejected`, `kl`).
-    Returns (log-prob sums (B, D), completion token counts (B, D), logits (B, T, V))."""
-    labels = batch[f"{side}_labels"]
-    documents = batch[f"{side}_document_ids"]
-    logits = model(
-        batch[f"{side}_input_ids"], position_ids=batch[f"{side}_position_ids"], document_ids=documents
-    )
-    sums, counts = document_logps(token_logps(logits, labels), labels, documents, num_documents)
-    return sums, counts, logits
 
 
 @contextmanager
@@ -87,25 +66,30 @@ def has_adapters(model: nn.Module) -> bool:
 # Optimisation
 
 
-def make_optimizer(
-    params: Iterable[nn.Parameter],
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.95),
-) -> torch.optim.Optimizer:
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        raise ValueError("nothing to train: every parameter is frozen")
-    fused = all(p.is_cuda for p in trainable)
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+def make_optimizer(trained: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of `trained` (the loop's own `build_optimizer`)."""
+    return build_optimizer(trained, train)
 
 
-def learning_rate(step: int, total: int, peak: float, warmup: int = 0, min_ratio: float = 0.1) -> float:
-    """Linear warmup to `peak`, then cosine decay to `peak * min_ratio` at `total` steps."""
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step: int, train: TrainConfig) -> float:
+    """The `[train]` schedule: warmup, then cosine / linear / constant over `train.steps`."""
+    return learning_rate(step, train)
+
+
+def cycle(epoch_batches: Callable[[int], Iterator[Any]], steps: int) -> Iterator[Any]:
+    """`steps` items from epoch 0, 1, 2, ... of a data source (each epoch reshuffled by its number)."""
+    done, epoch = 0, 0
+    while done < steps:
+        empty = True
+        for item in epoch_batches(epoch):
+            empty = False
+            yield item
+            done += 1
+            if done == steps:
+                return
+        if empty:
+            raise ValueError("the training data gives no batch")
+        epoch += 1
 
 
 def optimizer_step(

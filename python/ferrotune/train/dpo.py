@@ -23,71 +23,48 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
+from ferrotune.config import DPOConfig, TrainConfig
 from ferrotune.errors import ConfigError, FormatError
 from ferrotune.io import load_checkpoint, save_safetensors
 from ferrotune.train import preference_losses as losses
 from ferrotune.train.alignment import (
     MetricsLog,
     autocast,
+    cycle,
     frozen_copy,
     has_adapters,
-    learning_rate,
+    lr_at,
     make_optimizer,
     optimizer_step,
     reference_model,
 )
 from ferrotune.train.preference_data import (
     PreferencePair,
-    pack_pairs,
     preference_batches,
 )
 from ferrotune.train.preference_losses import document_logps, token_logps
 
-LossType = Literal["dpo", "ipo", "simpo", "orpo", "kto"]
 LOSS_TYPES: tuple[str, ...] = ("dpo", "ipo", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-@dataclass
-class DPOConfig:
-    """The `[dpo]` section. `beta` is DPO's β, IPO's τ, SimPO's β and KTO's β; ORPO uses `orpo_lambda`."""
+def check_config(method: DPOConfig) -> None:
+    """Range checks that the type system cannot express; errors name the key."""
+    if method.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"method.dpo.loss_type: {method.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if method.beta <= 0:
+        raise ConfigError(f"method.dpo.beta: must be > 0, got {method.beta}")
+    if not 0.0 <= method.label_smoothing < 0.5:
+        raise ConfigError(f"method.dpo.label_smoothing: must be in [0, 0.5), got {method.label_smoothing}")
 
-    loss_type: LossType = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO (and SimPO) when > 0
-    simpo_gamma: float = 0.5  # SimPO's target reward margin γ
-    orpo_lambda: float = 0.1  # ORPO's weight λ of the odds-ratio term
-    kto_desirable_weight: float = 1.0
-    kto_undesirable_weight: float = 1.0
-    reference_cache: str = ""  # safetensors file of reference log-probs; "" = compute every step
-    epochs: int = 1
-    batch_size: int = 8  # packed rows per side per step
-    seq_len: int = 512
-    lr: float = 5e-7
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    seed: int = 0
 
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"dpo.loss_type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-        if self.beta <= 0:
-            raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.loss_type not in REFERENCE_FREE
+def needs_reference(method: DPOConfig) -> bool:
+    return method.loss_type not in REFERENCE_FREE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,34 +208,34 @@ def load_or_compute_reference(
 
 
 def preference_loss(
-    config: DPOConfig,
+    method: DPOConfig,
     policy: dict[str, tuple[torch.Tensor, torch.Tensor]],
     reference: dict[str, torch.Tensor] | None,
     batch: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The configured loss (mean over pairs) and its metrics. `policy[side]` = (sums, counts) per
+    """The configured loss per pair (N,) and its metrics (means over the pairs). `policy[side]` = (sums, counts) per
     document (B, D); `reference[side]` = the reference sums flattened to (N,)."""
     pc = flatten_pairs(batch, "chosen", policy["chosen"][0])
     pr = flatten_pairs(batch, "rejected", policy["rejected"][0])
     nc = flatten_pairs(batch, "chosen", policy["chosen"][1]).clamp(min=1)
     nr = flatten_pairs(batch, "rejected", policy["rejected"][1]).clamp(min=1)
-    kind = config.loss_type
+    kind = method.loss_type
     if kind == "dpo":
         assert reference is not None
         per_pair, r_w, r_l = losses.dpo_loss(
-            pc, pr, reference["chosen"], reference["rejected"], config.beta, config.label_smoothing
+            pc, pr, reference["chosen"], reference["rejected"], method.beta, method.label_smoothing
         )
     elif kind == "ipo":
         assert reference is not None
         per_pair, r_w, r_l = losses.ipo_loss(
-            pc / nc, pr / nr, reference["chosen"] / nc, reference["rejected"] / nr, config.beta
+            pc / nc, pr / nr, reference["chosen"] / nc, reference["rejected"] / nr, method.beta
         )
     elif kind == "simpo":
         per_pair, r_w, r_l = losses.simpo_loss(
-            pc / nc, pr / nr, config.beta, config.simpo_gamma, config.label_smoothing
+            pc / nc, pr / nr, method.beta, method.simpo_gamma, method.label_smoothing
         )
     elif kind == "orpo":
-        per_pair, r_w, r_l = losses.orpo_loss(pc / nc, pr / nr, -pc / nc, config.orpo_lambda)
+        per_pair, r_w, r_l = losses.orpo_loss(pc / nc, pr / nr, -pc / nc, method.orpo_lambda)
     else:  # kto: chosen completions are desirable, rejected ones undesirable
         assert reference is not None
         kl_policy = flatten_pairs(batch, "kl", policy["kl"][0])
@@ -271,9 +248,9 @@ def preference_loss(
             reference_all,
             desirable,
             z0,
-            config.beta,
-            config.kto_desirable_weight,
-            config.kto_undesirable_weight,
+            method.beta,
+            method.kto_desirable_weight,
+            method.kto_undesirable_weight,
         )
         per_pair = per_doc.view(2, -1).sum(0)
         r_w, r_l = rewards.view(2, -1)
@@ -286,7 +263,7 @@ def preference_loss(
     }
     if kind == "kto":
         metrics["kl"] = float(z0)
-    return per_pair.mean(), metrics
+    return per_pair, metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,83 +273,93 @@ def preference_loss(
 def train_preference(
     model: nn.Module,
     pairs: list[PreferencePair],
-    config: DPOConfig,
+    method: DPOConfig,
+    train: TrainConfig,
     *,
+    seq_len: int,
     pad_id: int,
     reference: nn.Module | None = None,
     run_dir: str | Path | None = None,
+    log_every: int = 10,
+    seed: int = 0,
     quiet: bool = False,
 ) -> list[dict[str, float]]:
     """Trains the trainable parameters of `model` (a causal LM, with or without adapters) on the
-    pairs with the configured loss. The reference is `reference` if given, else the model with its
-    adapters disabled, else (full fine-tuning) a frozen copy, unless cached log-probs make it
-    unnecessary. Returns the logged metrics."""
+    pairs with `method.loss_type`, for `train.steps` optimizer steps of `train.grad_accum`
+    micro-batches of `train.batch_size` packed rows; the loss is the mean over the step's pairs.
+    The reference is `reference` if given, else the model with its adapters disabled, else (full
+    fine-tuning) a frozen copy, unless cached log-probs make it unnecessary. Returns the metrics."""
+    check_config(method)
     device = next(model.parameters()).device
-    kto = config.loss_type == "kto"
+    kto = method.loss_type == "kto"
     sides = ("chosen", "rejected", "kl") if kto else ("chosen", "rejected")
+    with_reference = needs_reference(method)
 
     cached: dict[str, torch.Tensor] | None = None
-    if (
-        config.needs_reference
-        and reference is None
-        and not has_adapters(model)
-        and not config.reference_cache
-    ):
+    if with_reference and reference is None and not has_adapters(model) and not method.reference_cache:
         reference = frozen_copy(model)
-    if config.needs_reference and config.reference_cache:
+    if with_reference and method.reference_cache:
         # Before the first step a fully fine-tuned model IS its reference: no copy is needed.
         initial = reference if reference is not None or has_adapters(model) else model
         with reference_model(model, initial) as ref:
             was_training = ref.training
             ref.eval()
             cached = load_or_compute_reference(
-                config.reference_cache,
+                method.reference_cache,
                 ref,
                 pairs,
-                batch_size=config.batch_size,
-                seq_len=config.seq_len,
+                batch_size=train.batch_size,
+                seq_len=seq_len,
                 pad_id=pad_id,
                 with_mismatched=kto,
             )
             ref.train(was_training)
         cached = {k: v.to(device) for k, v in cached.items()}
 
+    optimizer = make_optimizer(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config.lr, config.weight_decay)
-    total = -(-len(pack_pairs(pairs, config.seq_len)) // config.batch_size) * config.epochs
-    log = MetricsLog(run_dir, total, config.loss_type, quiet)
-    model.train()
-    step = 0
-    for epoch in range(config.epochs):
-        for batch in preference_batches(
+    log = MetricsLog(run_dir, train.steps, method.loss_type, quiet)
+    micro_batches = cycle(
+        lambda epoch: preference_batches(
             pairs,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
+            batch_size=train.batch_size,
+            seq_len=seq_len,
             pad_id=pad_id,
-            seed=config.seed,
+            seed=seed,
             epoch=epoch,
             with_mismatched=kto,
-        ):
-            batch = {k: v.to(device) for k, v in batch.items()}
+        ),
+        train.steps * train.grad_accum,
+    )
+    model.train()
+    for step in range(train.steps):
+        group = [{k: v.to(device) for k, v in next(micro_batches).items()} for _ in range(train.grad_accum)]
+        total_pairs = sum(int((b["pair_index"] >= 0).sum()) for b in group)
+        loss_sum, sums = 0.0, {}
+        for batch in group:
             ref_values = None
-            if config.needs_reference:
+            if with_reference:
                 if cached is not None:
                     ref_values = {side: cached[side][pair_ids(batch, side)] for side in sides}
                 else:
-                    with reference_model(model, reference) as ref, autocast(device):
+                    with reference_model(model, reference) as ref, autocast(device, train.precision):
                         ref_logps = batch_logps(ref, batch, sides)
                     ref_values = {
                         side: flatten_pairs(batch, side, ref_logps[side][0]).float() for side in sides
                     }
-            with autocast(device):
+            with autocast(device, train.precision):
                 policy = batch_logps(model, batch, sides)
-            loss, metrics = preference_loss(config, policy, ref_values, batch)
-            loss.backward()
-            lr = learning_rate(step, total, config.lr, config.warmup_steps)
-            grad_norm = optimizer_step(optimizer, params, lr, config.max_grad_norm)
-            step += 1
-            if step % config.log_every == 0 or step == total:
-                log.log(step, loss=float(loss.detach()), lr=lr, grad_norm=grad_norm, **metrics)
+            per_pair, metrics = preference_loss(method, policy, ref_values, batch)
+            (per_pair.sum() / total_pairs).backward()
+            pairs_here = per_pair.shape[0]
+            loss_sum += float(per_pair.detach().sum())
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * pairs_here
+        lr = lr_at(step, train)
+        grad_norm = optimizer_step(optimizer, params, lr, train.max_grad_norm)
+        if (step + 1) % log_every == 0 or step + 1 == train.steps:
+            averaged = {k: v / total_pairs for k, v in sums.items()}
+            log.log(step + 1, loss=loss_sum / total_pairs, lr=lr, grad_norm=grad_norm, **averaged)
     if not quiet:
         print(log.summary())
     return log.history

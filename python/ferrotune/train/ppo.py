@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ferrotune.config import PPOConfig, TrainConfig
 from ferrotune.errors import ConfigError
 from ferrotune.train import preference_losses as losses
 from ferrotune.train.alignment import (
@@ -39,6 +40,7 @@ from ferrotune.train.alignment import (
     build_rollout,
     frozen_copy,
     has_adapters,
+    lr_at,
     make_optimizer,
     optimizer_step,
     reference_model,
@@ -47,43 +49,15 @@ from ferrotune.train.alignment import (
 )
 
 
-@dataclass
-class PPOConfig:
-    """The `[ppo]` section."""
-
-    iterations: int = 100  # rollout + update rounds
-    rollout_batch: int = 64  # prompts per rollout
-    minibatch: int = 16
-    ppo_epochs: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    value_clip_range: float = 0.2
-    value_coef: float = 0.1
-    kl_coef: float = 0.05  # initial β_KL
-    adaptive_kl: bool = False
-    kl_target: float = 6.0  # target sequence KL (nats) of the adaptive controller
-    kl_horizon: int = 10000
-    whiten_advantages: bool = True
-    policy_adapter: str = "policy"
-    value_adapter: str | None = "value"  # None: value head on the policy's hidden states
-    log_every: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rollout_batch % self.minibatch:
-            raise ConfigError(
-                f"ppo.minibatch: {self.minibatch} must divide ppo.rollout_batch {self.rollout_batch}"
-            )
-        if self.max_new_tokens < 1:
-            raise ConfigError("ppo.max_new_tokens: must be at least 1")
+def check_config(method: PPOConfig, train: TrainConfig) -> None:
+    if method.rollout_batch % method.minibatch:
+        raise ConfigError(
+            f"method.ppo.minibatch: {method.minibatch} must divide method.ppo.rollout_batch {method.rollout_batch}"
+        )
+    if method.max_new_tokens < 1:
+        raise ConfigError("method.ppo.max_new_tokens: must be at least 1")
+    if train.grad_accum != 1:
+        raise ConfigError("train.grad_accum: PPO updates by method.ppo.minibatch; leave grad_accum at 1")
 
 
 @dataclass
@@ -97,7 +71,7 @@ class ActorCritic:
     value_adapter: str | None
 
 
-def make_actor_critic(policy: nn.Module, config: PPOConfig) -> ActorCritic:
+def make_actor_critic(policy: nn.Module, method: PPOConfig) -> ActorCritic:
     """Adds the value head (zero-initialised: V = 0 at the start) and picks the reference and
     adapter roles from whether `policy` carries adapters."""
     embed = policy.model.embed_tokens.weight
@@ -109,12 +83,12 @@ def make_actor_critic(policy: nn.Module, config: PPOConfig) -> ActorCritic:
     from ferrotune.peft import adapter_names, set_trainable
 
     names = adapter_names(policy)
-    value_adapter = config.value_adapter
-    for role, name in (("policy_adapter", config.policy_adapter), ("value_adapter", value_adapter)):
+    value_adapter = method.value_adapter
+    for role, name in (("policy_adapter", method.policy_adapter), ("value_adapter", value_adapter)):
         if name is not None and name not in names:
-            raise ConfigError(f"ppo.{role}: the model has no adapter {name!r} (it has {names})")
-    set_trainable(policy, [n for n in (config.policy_adapter, value_adapter) if n is not None])
-    return ActorCritic(policy, head, None, config.policy_adapter, value_adapter)
+            raise ConfigError(f"method.ppo.{role}: the model has no adapter {name!r} (it has {names})")
+    set_trainable(policy, [n for n in (method.policy_adapter, value_adapter) if n is not None])
+    return ActorCritic(policy, head, None, method.policy_adapter, value_adapter)
 
 
 def use_adapter(model: nn.Module, name: str | None) -> None:
@@ -153,51 +127,57 @@ def train_ppo(
     policy: nn.Module,
     prompts: Sequence[Sequence[int]],
     reward: RewardFn,
-    config: PPOConfig,
+    method: PPOConfig,
+    train: TrainConfig,
     *,
     stop_tokens: Sequence[int],
     pad_id: int,
     run_dir: str | Path | None = None,
+    log_every: int = 1,
+    seed: int = 0,
     quiet: bool = False,
     actor_critic: ActorCritic | None = None,
 ) -> list[dict[str, float]]:
-    """Runs PPO; returns the logged metrics of every iteration (reward = mean score of the rollout)."""
-    ac = actor_critic or make_actor_critic(policy, config)
+    """Runs `train.steps` PPO iterations; returns the logged metrics (reward = mean rollout score)."""
+    check_config(method, train)
+    ac = actor_critic or make_actor_critic(policy, method)
     device = ac.policy.model.embed_tokens.weight.device
-    params = [p for p in ac.policy.parameters() if p.requires_grad] + list(ac.value_head.parameters())
-    optimizer = make_optimizer(params, config.lr, config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    log = MetricsLog(run_dir, config.iterations, "ppo", quiet)
-    kl_coef = config.kl_coef
+    trained = nn.ModuleDict({"policy": ac.policy, "value_head": ac.value_head})
+    optimizer = make_optimizer(trained, train)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    log = MetricsLog(run_dir, train.steps, "ppo", quiet)
+    kl_coef = method.kl_coef
 
-    for iteration in range(config.iterations):
+    for iteration in range(train.steps):
+        lr = lr_at(iteration, train)
         # 1-4: rollout, scores, KL-penalised rewards, GAE
-        picks = torch.randint(len(prompts), (config.rollout_batch,), generator=generator).tolist()
+        picks = torch.randint(len(prompts), (method.rollout_batch,), generator=generator).tolist()
         batch_prompts = [list(prompts[i]) for i in picks]
         use_adapter(ac.policy, ac.policy_adapter)
         responses = sample_responses(
             ac.policy,
             batch_prompts,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
+            max_new_tokens=method.max_new_tokens,
+            temperature=method.temperature,
+            top_k=method.top_k,
+            top_p=method.top_p,
             stop_tokens=stop_tokens,
             pad_id=pad_id,
-            seed=config.seed * 100_003 + iteration,
+            seed=seed * 100_003 + iteration,
         )
         rollout = build_rollout(batch_prompts, responses, pad_id, device)
         scores = torch.tensor(reward(batch_prompts, responses), dtype=torch.float32, device=device)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, train.precision):
             old_logps, _, old_values = policy_and_values(ac, rollout)
             ref_logps = reference_logps(ac, rollout)
         old_logps, old_values, ref_logps = old_logps.float(), old_values.float(), ref_logps.float()
         mask = rollout.mask
         rewards, kl = losses.kl_penalised_rewards(old_logps, ref_logps, scores, mask, kl_coef)
         advantages, returns = losses.generalized_advantages(
-            rewards, old_values, mask, config.gamma, config.lam
+            rewards, old_values, mask, method.gamma, method.lam
         )
-        if config.whiten_advantages:
+        if method.whiten_advantages:
             advantages = losses.masked_whiten(advantages, mask) * mask
 
         # 5: several epochs of minibatches
@@ -209,22 +189,22 @@ def train_ppo(
             "approx_kl": [],
             "value_clip_fraction": [],
         }
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(config.rollout_batch, generator=generator).to(device)
-            for start in range(0, config.rollout_batch, config.minibatch):
-                rows = order[start : start + config.minibatch]
+        for _ in range(method.ppo_epochs):
+            order = torch.randperm(method.rollout_batch, generator=generator).to(device)
+            for start in range(0, method.rollout_batch, method.minibatch):
+                rows = order[start : start + method.minibatch]
                 part = rollout.select(rows)
-                with autocast(device):
+                with autocast(device, train.precision):
                     logps, entropy, values = policy_and_values(ac, part)
                 part_mask = mask[rows]
                 policy_loss, clip_fraction, approx_kl = losses.ppo_policy_loss(
-                    logps.float(), old_logps[rows], advantages[rows], part_mask, config.clip_range
+                    logps.float(), old_logps[rows], advantages[rows], part_mask, method.clip_range
                 )
                 value_loss, value_clip = losses.ppo_value_loss(
-                    values.float(), old_values[rows], returns[rows], part_mask, config.value_clip_range
+                    values.float(), old_values[rows], returns[rows], part_mask, method.value_clip_range
                 )
-                (policy_loss + config.value_coef * value_loss).backward()
-                optimizer_step(optimizer, params, config.lr, config.max_grad_norm)
+                (policy_loss + method.value_coef * value_loss).backward()
+                optimizer_step(optimizer, params, lr, train.max_grad_norm)
                 stats["policy_loss"].append(float(policy_loss.detach()))
                 stats["value_loss"].append(float(value_loss.detach()))
                 stats["clip_fraction"].append(float(clip_fraction))
@@ -234,16 +214,17 @@ def train_ppo(
 
         # 6: the KL coefficient for the next rollout
         sequence_kl = float(kl.sum(-1).mean())
-        if config.adaptive_kl:
+        if method.adaptive_kl:
             kl_coef = losses.adaptive_kl_coef(
-                kl_coef, sequence_kl, config.kl_target, config.kl_horizon, config.rollout_batch
+                kl_coef, sequence_kl, method.kl_target, method.kl_horizon, method.rollout_batch
             )
-        if (iteration + 1) % config.log_every == 0 or iteration + 1 == config.iterations:
+        if (iteration + 1) % log_every == 0 or iteration + 1 == train.steps:
             log.log(
                 iteration + 1,
                 reward=float(scores.mean()),
                 kl=sequence_kl,
                 kl_coef=kl_coef,
+                lr=lr,
                 response_length=float(mask.sum(-1).mean()),
                 **{k: sum(v) / len(v) for k, v in stats.items()},
             )

@@ -15,18 +15,18 @@ row (no document ids) is scored at its last non-pad token, as transformers does.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ferrotune.config import RewardConfig, TrainConfig
 from ferrotune.errors import ConfigError, FormatError
 from ferrotune.io import load_checkpoint
 from ferrotune.models.llama import LlamaConfig, LlamaModel
 from ferrotune.models.load import model_state, read_config, save_config
-from ferrotune.train.alignment import MetricsLog, autocast, learning_rate, make_optimizer, optimizer_step
-from ferrotune.train.preference_data import PreferencePair, pack_pairs, preference_batches
+from ferrotune.train.alignment import MetricsLog, autocast, cycle, lr_at, make_optimizer, optimizer_step
+from ferrotune.train.preference_data import PreferencePair, preference_batches
 from ferrotune.train.preference_losses import bradley_terry_loss
 
 SEQUENCE_CLASSIFIERS = {
@@ -182,22 +182,6 @@ def load_reward_model(
 # Training
 
 
-@dataclass
-class RewardTrainConfig:
-    """Reward-model training (the `[reward]` section)."""
-
-    epochs: int = 1
-    batch_size: int = 8  # packed rows per side per step
-    seq_len: int = 512
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    use_margin: bool = False  # subtract each pair's `margin` inside the sigmoid
-    log_every: int = 10
-    seed: int = 0
-
-
 def pair_scores(
     model: RewardModel, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,48 +230,57 @@ def evaluate_reward_model(
 def train_reward_model(
     model: RewardModel,
     pairs: list[PreferencePair],
-    config: RewardTrainConfig,
+    method: RewardConfig,
+    train: TrainConfig,
     *,
+    seq_len: int,
     pad_id: int,
     eval_pairs: list[PreferencePair] | None = None,
     run_dir: str | Path | None = None,
+    log_every: int = 10,
+    seed: int = 0,
     quiet: bool = False,
 ) -> dict[str, float]:
-    """Trains every trainable parameter of `model` on the pairs; returns the final evaluation
-    (on `eval_pairs`, or the training pairs when none are given)."""
+    """Trains the trainable parameters of `model` for `train.steps` optimizer steps of
+    `train.grad_accum` micro-batches of `train.batch_size` packed rows; the Bradley-Terry loss is
+    averaged over every pair of the step. Returns the final evaluation (on `eval_pairs`, or the
+    training pairs when none are given)."""
     device = model.score.weight.device
+    optimizer = make_optimizer(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config.lr, config.weight_decay)
-    steps_per_epoch = -(-len(pack_pairs(pairs, config.seq_len)) // config.batch_size)
-    total = steps_per_epoch * config.epochs
-    log = MetricsLog(run_dir, total, "reward", quiet)
-    model.train()
-    step = 0
-    for epoch in range(config.epochs):
-        for batch in preference_batches(
-            pairs,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-            pad_id=pad_id,
-            seed=config.seed,
-            epoch=epoch,
-        ):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device):
-                chosen, rejected, margin = pair_scores(model, batch)
-            losses = bradley_terry_loss(chosen, rejected, margin if config.use_margin else None)
-            loss = losses.mean()
-            loss.backward()
-            lr = learning_rate(step, total, config.lr, config.warmup_steps)
-            grad_norm = optimizer_step(optimizer, params, lr, config.max_grad_norm)
-            step += 1
-            if step % config.log_every == 0 or step == total:
-                accuracy = float((chosen > rejected).float().mean())
-                log.log(step, loss=float(loss.detach()), accuracy=accuracy, lr=lr, grad_norm=grad_norm)
-    final = evaluate_reward_model(
-        model, eval_pairs or pairs, batch_size=config.batch_size, seq_len=config.seq_len, pad_id=pad_id
+    log = MetricsLog(run_dir, train.steps, "reward", quiet)
+    micro_batches = cycle(
+        lambda epoch: preference_batches(
+            pairs, batch_size=train.batch_size, seq_len=seq_len, pad_id=pad_id, seed=seed, epoch=epoch
+        ),
+        train.steps * train.grad_accum,
     )
-    log.log(step, **{f"eval_{k}": v for k, v in final.items()})
+    model.train()
+    for step in range(train.steps):
+        group = [{k: v.to(device) for k, v in next(micro_batches).items()} for _ in range(train.grad_accum)]
+        total_pairs = sum(int((b["pair_index"] >= 0).sum()) for b in group)
+        loss_sum, correct = 0.0, 0.0
+        for batch in group:
+            with autocast(device, train.precision):
+                chosen, rejected, margin = pair_scores(model, batch)
+            losses = bradley_terry_loss(chosen, rejected, margin if method.use_margin else None)
+            (losses.sum() / total_pairs).backward()
+            loss_sum += float(losses.detach().sum())
+            correct += float((chosen > rejected).float().sum())
+        lr = lr_at(step, train)
+        grad_norm = optimizer_step(optimizer, params, lr, train.max_grad_norm)
+        if (step + 1) % log_every == 0 or step + 1 == train.steps:
+            log.log(
+                step + 1,
+                loss=loss_sum / total_pairs,
+                accuracy=correct / total_pairs,
+                lr=lr,
+                grad_norm=grad_norm,
+            )
+    final = evaluate_reward_model(
+        model, eval_pairs or pairs, batch_size=train.batch_size, seq_len=seq_len, pad_id=pad_id
+    )
+    log.log(train.steps, **{f"eval_{k}": v for k, v in final.items()})
     if not quiet:
         print(log.summary())
     return final
