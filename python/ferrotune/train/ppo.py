@@ -83,7 +83,7 @@ def make_actor_critic(policy: nn.Module, method: PPOConfig) -> ActorCritic:
     from ferrotune.peft import adapter_names, set_trainable
 
     names = adapter_names(policy)
-    value_adapter = method.value_adapter
+    value_adapter = method.value_adapter or None  # "" in TOML: values from the policy's states
     for role, name in (("policy_adapter", method.policy_adapter), ("value_adapter", value_adapter)):
         if name is not None and name not in names:
             raise ConfigError(f"method.ppo.{role}: the model has no adapter {name!r} (it has {names})")
