@@ -4,6 +4,7 @@ cache reproduces the on-the-fly reference exactly."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -149,4 +150,34 @@ def test_reference_cache_matches_the_live_reference(tmp_path):
     with pytest.raises(FormatError, match="different preference data"):
         load_or_compute_reference(
             cache, tiny_lm(), pairs[:-1], batch_size=4, seq_len=32, pad_id=PAD, with_mismatched=False
+        )
+
+
+def test_dpo_with_lora_uses_the_adapter_disabled_base_as_reference():
+    """No second copy: the reference is the same model with its LoRA adapter switched off. At the
+    first step policy = reference (LoRA B starts at zero), so the loss is exactly log 2."""
+    import math
+
+    from ferrotune.peft import LoraConfig, apply_peft, disable_adapter
+
+    model = tiny_lm(seed=6)
+    base = copy.deepcopy(model).eval()
+    apply_peft(model, LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    train, held_out = preference_pairs(64, seed=5), preference_pairs(32, seed=7)
+    before = logp_margin(model, held_out, batch_size=16, seq_len=32, pad_id=PAD)
+    history = train_preference(
+        model,
+        train,
+        DPOConfig(beta=0.5),
+        TrainConfig(steps=6, batch_size=8, lr=1e-2, schedule="constant"),
+        seq_len=32,
+        pad_id=PAD,
+        log_every=1,
+        quiet=True,
+    )
+    assert math.isclose(history[0]["loss"], math.log(2), rel_tol=1e-6)
+    assert logp_margin(model, held_out, batch_size=16, seq_len=32, pad_id=PAD) > before + 1.0
+    with disable_adapter(model):  # the reference is still the untouched base
+        assert logp_margin(model, held_out, batch_size=16, seq_len=32, pad_id=PAD) == pytest.approx(
+            logp_margin(base, held_out, batch_size=16, seq_len=32, pad_id=PAD), abs=1e-4
         )

@@ -11,7 +11,7 @@ import copy
 import torch
 from ferrotune.config import GRPOConfig, PPOConfig, TrainConfig
 from ferrotune.models.llama import CausalLM, LlamaConfig
-from ferrotune.peft import LoraConfig, adapter_names, apply_peft, merge, set_active
+from ferrotune.peft import LoraConfig, active_adapters, adapter_names, apply_peft, merge, set_active
 from ferrotune.train.alignment import (
     build_rollout,
     reward_from_function,
@@ -190,3 +190,34 @@ def test_reward_adapter_on_the_shared_base_scores_like_a_merged_reward_model():
             assert abs(ours[b] - expected) < 1e-5
     set_active(model, "policy")
     assert score(prompts, responses) == ours  # scoring switches to `reward` and back
+
+
+def test_ppo_on_one_base_with_policy_value_and_reward_adapters():
+    """Four roles, one set of base weights: PPO trains `policy` and `value`; the `reward` adapter
+    (with its score head) scores rollouts and stays frozen; the reference is the bare base."""
+    model = tiny_lm(seed=5)
+    for name, init in (("reward", "gaussian"), ("policy", "default"), ("value", "default")):
+        apply_peft(model, LoraConfig(r=4, alpha=8, target_modules=LORA_TARGETS, init=init), name)
+    reward_model = RewardModel(model.config, backbone=model.model)
+    init_score_head(reward_model, torch.Generator().manual_seed(1))
+    reward_model.score.requires_grad_(False)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if ".reward" in n or "base_layer" in n}
+    policy_before = {n: p.clone() for n, p in model.named_parameters() if ".policy" in n}
+    reward = reward_from_model(reward_model, PAD, adapter="reward", restore="policy")
+    method = PPOConfig(rollout_batch=8, minibatch=4, ppo_epochs=2, max_new_tokens=3, kl_coef=0.05)
+    history = train_ppo(
+        model,
+        PROMPTS,
+        reward,
+        method,
+        TrainConfig(steps=2, lr=1e-2),
+        stop_tokens=[EOS],
+        pad_id=PAD,
+        quiet=True,
+    )
+    assert len(history) == 2 and all(h["kl"] >= -1e-6 for h in history)
+    params = dict(model.named_parameters())
+    for name, value in frozen.items():
+        torch.testing.assert_close(params[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(params[n], v) for n, v in policy_before.items())
+    assert set(active_adapters(model)) == {"policy"}
