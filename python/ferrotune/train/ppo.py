@@ -23,8 +23,9 @@ Models (no class hierarchy, one `ActorCritic` record of modules):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ class ActorCritic:
     reference: nn.Module | None  # frozen copy (full fine-tuning) or None (adapters disabled)
     policy_adapter: str | None
     value_adapter: str | None
+    adapter_layers: list[Any] = field(default_factory=list)  # found once; switching walks no modules
 
 
 def make_actor_critic(policy: nn.Module, method: PPOConfig) -> ActorCritic:
@@ -81,6 +83,7 @@ def make_actor_critic(policy: nn.Module, method: PPOConfig) -> ActorCritic:
     if not has_adapters(policy):
         return ActorCritic(policy, head, frozen_copy(policy), None, None)
     from ferrotune.peft import adapter_names, set_trainable
+    from ferrotune.peft.common import adapter_layers
 
     names = adapter_names(policy)
     value_adapter = method.value_adapter or None  # "" in TOML: values from the policy's states
@@ -88,25 +91,29 @@ def make_actor_critic(policy: nn.Module, method: PPOConfig) -> ActorCritic:
         if name is not None and name not in names:
             raise ConfigError(f"method.ppo.{role}: the model has no adapter {name!r} (it has {names})")
     set_trainable(policy, [n for n in (method.policy_adapter, value_adapter) if n is not None])
-    return ActorCritic(policy, head, None, method.policy_adapter, value_adapter)
+    layers = [layer for _, layer in adapter_layers(policy)]
+    return ActorCritic(policy, head, None, method.policy_adapter, value_adapter, layers)
 
 
-def use_adapter(model: nn.Module, name: str | None) -> None:
-    """Routes the forward pass through adapter `name` (no-op without adapters). Every caller sets
-    the adapter it needs before a forward pass, so nothing has to be restored afterwards."""
-    if name is not None:
-        from ferrotune.peft import set_active
-
-        set_active(model, name)
+def use_adapter(ac: ActorCritic, name: str | None) -> None:
+    """Routes the forward pass through adapter `name` (no-op without adapters), as
+    `ferrotune.peft.set_active` does, over the adapter layers found once. Every caller sets the
+    adapter it needs before a forward pass, so nothing has to be restored afterwards."""
+    if name is None:
+        return
+    for layer in ac.adapter_layers:
+        if layer.merged:
+            layer.unmerge()
+        layer.active = {name: 1.0} if name in layer.adapter_names() else {}
 
 
 def policy_and_values(ac: ActorCritic, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log-probs, entropies, values), each (B, R) in response coordinates."""
     shared = ac.value_adapter is None
-    use_adapter(ac.policy, ac.policy_adapter)
+    use_adapter(ac, ac.policy_adapter)
     logps, entropy, hidden = rollout_forward(ac.policy, rollout, with_hidden=shared)
     if not shared:
-        use_adapter(ac.policy, ac.value_adapter)
+        use_adapter(ac, ac.value_adapter)
         hidden = ac.policy.hidden_states(
             rollout.input_ids, position_ids=rollout.position_ids, document_ids=rollout.document_ids
         )
@@ -154,7 +161,7 @@ def train_ppo(
         # 1-4: rollout, scores, KL-penalised rewards, GAE
         picks = torch.randint(len(prompts), (method.rollout_batch,), generator=generator).tolist()
         batch_prompts = [list(prompts[i]) for i in picks]
-        use_adapter(ac.policy, ac.policy_adapter)
+        use_adapter(ac, ac.policy_adapter)
         responses = sample_responses(
             ac.policy,
             batch_prompts,
@@ -228,7 +235,7 @@ def train_ppo(
                 response_length=float(mask.sum(-1).mean()),
                 **{k: sum(v) / len(v) for k, v in stats.items()},
             )
-    use_adapter(ac.policy, ac.policy_adapter)
+    use_adapter(ac, ac.policy_adapter)
     if not quiet:
         print(log.summary())
     return log.history
