@@ -99,6 +99,10 @@ def finish(model: CausalLM, config: Config, tokenizer_dir: Path | None) -> Path:
 
 def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     from ferrotune.train import pretrain, sft
+    from ferrotune.train.align_run import ALIGNMENT_TASKS, train_alignment
+
+    if config.task in ALIGNMENT_TASKS:
+        return train_alignment(config, quiet=quiet)
 
     device = resolve_device(config.train.device)
     tokenizer, tokenizer_dir = load_tokenizer(config)
