@@ -1,0 +1,354 @@
+"""Distributed training on 2 CPU processes (gloo): DDP and FSDP2 give the single-process losses and
+weights on the same global batch; sharded checkpoints resume on 2 ranks and on 1; adapters gathered
+under FSDP are whole; quantized (uint8) storage is sharded and all-gathered bit for bit.
+
+The engine-level tests use a small stand-in decoder (below) with the Hugging Face layout the real
+model has (`model.layers.{i}`); the ranks are spawned with torch.multiprocessing and meet through a
+file rendezvous, so parallel test runs never fight over a port."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from ferrotune.errors import ConfigError, FormatError
+from ferrotune.train import dist as fd
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+VOCAB, DIM, LAYERS, ROWS, SEQ = 48, 16, 3, 4, 12
+STEPS = 3
+
+# --------------------------------------------------------------------------------------------------
+# Stand-in model: embeddings, decoder blocks (norm + MLP with residual), final norm, lm_head
+# --------------------------------------------------------------------------------------------------
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + (x A^T) B^T * scale, the base frozen."""
+
+    def __init__(self, base: nn.Module, in_f: int, out_f: int, rank: int = 4):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(in_f, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_f, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.1)  # nonzero so that every adapter tensor trains
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x)) * 2.0
+
+
+class FourBitLinear(nn.Module):
+    """4-bit blockwise storage as NF4 keeps it: two codes per uint8 byte, flat, one fp32 absmax per
+    block of 16 weights; forward dequantizes. Both are frozen parameters (so FSDP shards them)."""
+
+    LEVELS = torch.linspace(-1.0, 1.0, 16)
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        blocks = weight.reshape(-1, 16)  # (n_blocks, 16)
+        absmax = blocks.abs().amax(dim=1)
+        codes = ((blocks / absmax[:, None]).unsqueeze(-1) - self.LEVELS).abs().argmin(-1)
+        codes = codes.reshape(-1).to(torch.uint8)
+        packed = codes[0::2] << 4 | codes[1::2]  # (numel / 2,)
+        self.packed = nn.Parameter(packed, requires_grad=False)
+        self.absmax = nn.Parameter(absmax, requires_grad=False)
+
+    def weight(self) -> torch.Tensor:
+        codes = torch.stack([self.packed >> 4, self.packed & 15], dim=1).reshape(-1).long()
+        values = self.LEVELS.to(self.absmax.device)[codes].reshape(-1, 16) * self.absmax[:, None]
+        return values.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight())
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(DIM)
+        self.up_proj = nn.Linear(DIM, 2 * DIM)
+        self.down_proj = nn.Linear(2 * DIM, DIM)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.down_proj(F.silu(self.up_proj(self.norm(h))))
+
+
+class Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, DIM)
+        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm = nn.RMSNorm(DIM)
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self, method: str = "full") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = Body()
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+        if method in ("lora", "qlora"):
+            for p in self.parameters():
+                p.requires_grad_(False)
+            for block in self.model.layers:
+                for name in ("up_proj", "down_proj"):
+                    base: nn.Module = getattr(block, name)
+                    in_f, out_f = base.in_features, base.out_features
+                    if method == "qlora":
+                        base = FourBitLinear(base.weight.detach())
+                    setattr(block, name, LoraLinear(base, in_f, out_f))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)  # (B, T, D)
+        for block in self.model.layers:
+            h = block(h)
+        return self.lm_head(self.model.norm(h))  # (B, T, V)
+
+
+def global_batches() -> list[dict[str, torch.Tensor]]:
+    """STEPS global batches of ROWS rows; rows have different numbers of trained tokens, so the
+    ranks' token counts differ and a per-rank mean would give the wrong loss."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(STEPS + 2):
+        ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
+        labels = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
+        for row in range(ROWS):
+            labels[row, : 2 + 3 * row] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def train_steps(model, optimizer, env, batches, params) -> list[float]:
+    """One optimizer step per global batch; this rank takes rows rank, rank+W, ..."""
+    losses = []
+    for batch in batches:
+        rows = list(fd.rank_rows(ROWS, env.rank, env.world_size))
+        ids, labels = batch["input_ids"][rows], batch["labels"][rows]
+        n_global = fd.global_sum((labels != -100).sum(), env)
+        logits = model(ids)
+        loss_sum = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="sum")
+        (loss_sum * fd.loss_scale(env) / n_global.float()).backward()
+        fd.clip_grad_norm(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(fd.global_sum(loss_sum.detach(), env) / n_global))
+    return losses
+
+
+def make_optimizer(model: nn.Module) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=3e-2, weight_decay=0.01), params
+
+
+def single_process(method: str, batches) -> tuple[list[float], dict[str, torch.Tensor]]:
+    model = TinyDecoder(method)
+    optimizer, params = make_optimizer(model)
+    losses = train_steps(model, optimizer, fd.DistEnv(), batches, params)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Running 2 ranks
+# --------------------------------------------------------------------------------------------------
+
+
+def _entry(rank: int, world: int, rdzv: str, job: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    env = fd.init_distributed("cpu", init_method=f"file://{rdzv}")
+    try:
+        globals()[job](env, out)
+    except BaseException:
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        fd.shutdown(env)
+
+
+def run_ranks(job: str, tmp_path, world: int = 2) -> str:
+    out = str(tmp_path / job)
+    os.makedirs(out, exist_ok=True)
+    try:
+        mp.start_processes(
+            _entry, args=(world, str(tmp_path / f"rdzv-{job}"), job, out), nprocs=world, start_method="spawn"
+        )
+    except mp.ProcessException:
+        errors = []
+        for name in sorted(n for n in os.listdir(out) if n.startswith("error")):
+            with open(os.path.join(out, name)) as f:
+                errors.append(f.read())
+        pytest.fail("a rank failed:\n" + "\n".join(errors))
+    return out
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _record(
+    env: fd.DistEnv, out: str, name: str, model: nn.Module, losses: list[float], *, trainable_only=False
+):
+    state = fd.gather_full_state_dict(model, trainable_only=trainable_only)
+    if env.is_main:
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, f"{name}.safetensors"))
+    else:
+        assert state == {}, "only rank 0 receives the gathered state"
+    with open(os.path.join(out, f"{name}.rank{env.rank}.json"), "w") as f:
+        json.dump(losses, f)
+
+
+def job_strategies(env: fd.DistEnv, out: str) -> None:
+    batches = global_batches()[:STEPS]
+    for strategy, method in (("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora"), ("fsdp", "qlora")):
+        model = fd.wrap_model(TinyDecoder(method), env, strategy)
+        optimizer, params = make_optimizer(model)
+        losses = train_steps(model, optimizer, env, batches, params)
+        _record(env, out, f"{strategy}-{method}", model, losses)
+        if method != "full":
+            _record(env, out, f"{strategy}-{method}-adapter", model, losses, trainable_only=True)
+        if method == "qlora":  # the 4-bit codes are sharded, not replicated
+            packed = model.model.layers[0].up_proj.base.packed
+            with open(os.path.join(out, f"packed.rank{env.rank}.json"), "w") as f:
+                json.dump({"local": packed.to_local().numel(), "full": packed.numel()}, f)
+
+
+def _assert_close_states(got: dict, want: dict, atol: float = 2e-5) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert got[name].dtype == want[name].dtype, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=name)
+
+
+def test_ddp_and_fsdp_match_single_process(tmp_path):
+    out = run_ranks("job_strategies", tmp_path)
+    batches = global_batches()[:STEPS]
+    for strategy, method in (("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora"), ("fsdp", "qlora")):
+        want_losses, want_state = single_process(method, batches)
+        name = f"{strategy}-{method}"
+        for rank in (0, 1):
+            losses = read_json(os.path.join(out, f"{name}.rank{rank}.json"))
+            assert losses == pytest.approx(want_losses, rel=1e-5), (name, rank)
+        assert want_losses[-1] < want_losses[0]  # it trains
+        _assert_close_states(load_file(os.path.join(out, f"{name}.safetensors")), want_state)
+        if method != "full":
+            # The adapter gathered under FSDP: every trainable tensor, whole, equal to the reference.
+            adapter = load_file(os.path.join(out, f"{name}-adapter.safetensors"))
+            trainable = {n for n, p in TinyDecoder(method).named_parameters() if p.requires_grad}
+            assert set(adapter) == trainable and len(adapter) == 4 * LAYERS
+            _assert_close_states(adapter, {k: want_state[k] for k in trainable})
+    for rank in (0, 1):
+        packed = read_json(os.path.join(out, f"packed.rank{rank}.json"))
+        assert packed["local"] * 2 == packed["full"] == DIM * 2 * DIM // 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def job_checkpoint(env: fd.DistEnv, out: str) -> None:
+    """Uninterrupted: 2 steps, save, 2 more. Resumed: a fresh model loads the checkpoint and runs
+    the same 2 steps."""
+    batches = global_batches()
+    model = fd.wrap_model(TinyDecoder("full"), env, "fsdp")
+    optimizer, params = make_optimizer(model)
+    train_steps(model, optimizer, env, batches[:2], params)
+    fd.save_sharded(os.path.join(out, "ckpt"), model, env, optimizer, {"step": 2})
+    straight = train_steps(model, optimizer, env, batches[2:4], params)
+    _record(env, out, "straight", model, straight)
+
+    model = fd.wrap_model(TinyDecoder("full"), env, "fsdp")
+    optimizer, params = make_optimizer(model)
+    assert fd.load_sharded(os.path.join(out, "ckpt"), model, env, optimizer) == {"step": 2}
+    resumed = train_steps(model, optimizer, env, batches[2:4], params)
+    _record(env, out, "resumed", model, resumed)
+
+
+def test_sharded_checkpoint_resumes_on_2_ranks_and_on_1(tmp_path):
+    out = run_ranks("job_checkpoint", tmp_path)
+    straight = read_json(os.path.join(out, "straight.rank0.json"))
+    resumed = read_json(os.path.join(out, "resumed.rank0.json"))
+    assert resumed == pytest.approx(straight, rel=1e-6)
+    final = load_file(os.path.join(out, "straight.safetensors"))
+    _assert_close_states(load_file(os.path.join(out, "resumed.safetensors")), final, atol=1e-6)
+    with open(os.path.join(out, "ckpt", "trainer_state.json")) as f:
+        assert json.load(f)["world_size"] == 2
+
+    # One process, no process group, plain model: the 2-rank checkpoint resharded onto 1 rank.
+    env = fd.DistEnv()
+    model = TinyDecoder("full")
+    optimizer, params = make_optimizer(model)
+    assert fd.load_sharded(os.path.join(out, "ckpt"), model, env, optimizer)["step"] == 2
+    one_rank = train_steps(model, optimizer, env, global_batches()[2:4], params)
+    assert one_rank == pytest.approx(straight, rel=1e-5)
+    _assert_close_states(dict(model.state_dict()), final)
+
+
+def test_checkpoint_metadata_cannot_run_code(tmp_path):
+    env = fd.DistEnv()
+    model = TinyDecoder("full")
+    fd.save_sharded(tmp_path / "ckpt", model, env)
+    fd.load_sharded(tmp_path / "ckpt", TinyDecoder("full"), env)  # a clean checkpoint loads
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "ckpt" / ".metadata", "wb") as f:
+        pickle.dump(Exploit(), f)
+    with pytest.raises(FormatError, match="not allowed"):
+        fd.load_sharded(tmp_path / "ckpt", model, env)
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(FormatError, match="not a sharded checkpoint"):
+        fd.load_sharded(tmp_path, model, env)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces that need no process group
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 33])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_rank_rows_cover_every_row_once(n, world):
+    parts = [list(fd.rank_rows(n, r, world)) for r in range(world)]
+    flat = sorted(i for part in parts for i in part)
+    assert flat == list(range(n))  # no overlap, nothing lost
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_rank_rows_of_a_step_are_the_global_batch():
+    """Rank r reading rows r, r+W, ... of its local stream takes, at local step s with local batch b,
+    exactly the rows s*W*b .. (s+1)*W*b - 1 of the one-process stream."""
+    world, local_batch, n = 4, 3, 60
+    streams = [list(fd.rank_rows(n, r, world)) for r in range(world)]
+    for step in range(n // (world * local_batch)):
+        rows = sorted(i for s in streams for i in s[step * local_batch : (step + 1) * local_batch])
+        assert rows == list(range(step * world * local_batch, (step + 1) * world * local_batch))
+
+
+def test_bad_settings_are_named():
+    env = fd.DistEnv()
+    with pytest.raises(ConfigError, match="strategy"):
+        fd.wrap_model(TinyDecoder(), env, "zero3")
+    with pytest.raises(ConfigError, match="torchrun"):
+        fd.wrap_model(TinyDecoder(), env, "fsdp")
+    with pytest.raises(ConfigError, match="batch_size"):
+        fd.check_divisible(5, fd.DistEnv(world_size=2, backend="gloo"))
+    with pytest.raises(ConfigError, match="rank 2 out of range"):
+        fd.rank_rows(4, 2, 2)
+    assert fd.wrap_model(model := TinyDecoder(), env, "none") is model
