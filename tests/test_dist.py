@@ -21,6 +21,7 @@ from ferrotune.errors import ConfigError, FormatError
 from ferrotune.train import dist as fd
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.multiprocessing.spawn import ProcessException
 
 VOCAB, DIM, LAYERS, ROWS, SEQ = 48, 16, 3, 4, 12
 STEPS = 3
@@ -184,7 +185,7 @@ def run_ranks(job: str, tmp_path, world: int = 2) -> str:
         mp.start_processes(
             _entry, args=(world, str(tmp_path / f"rdzv-{job}"), job, out), nprocs=world, start_method="spawn"
         )
-    except mp.ProcessException:
+    except ProcessException:
         errors = []
         for name in sorted(n for n in os.listdir(out) if n.startswith("error")):
             with open(os.path.join(out, name)) as f:
