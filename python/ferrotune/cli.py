@@ -9,7 +9,9 @@ import importlib
 import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
+}
 
 
 def _version() -> str:
