@@ -353,3 +353,122 @@ def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="rank 2 out of range"):
         fd.rank_rows(4, 2, 2)
     assert fd.wrap_model(model := TinyDecoder(), env, "none") is model
+
+
+# --------------------------------------------------------------------------------------------------
+# The real model (ferrotune.models) with packed rows, LoRA (ferrotune.peft) and the exports
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_llama(method: str = "full"):
+    from ferrotune.models import CausalLM, LlamaConfig
+    from ferrotune.peft import LoraConfig, apply_peft
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = CausalLM(config)
+    model.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    if method == "lora":
+        torch.manual_seed(1)
+        model = apply_peft(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+        for p in model.parameters():  # B = 0 at init: start it elsewhere so every tensor moves
+            if p.requires_grad and p.ndim == 2 and not p.any():
+                p.data.normal_(0.0, 0.05)
+    return model
+
+
+def packed_batches(n: int) -> list[dict[str, torch.Tensor]]:
+    """Global batches of ROWS packed rows (contract: pre-shifted labels, position ids restarting
+    per document, document ids, -1 / -100 on padding), documents of random lengths."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
+        labels = torch.full((ROWS, SEQ), -100)
+        positions = torch.zeros(ROWS, SEQ, dtype=torch.long)
+        documents = torch.full((ROWS, SEQ), -1, dtype=torch.int32)
+        for row in range(ROWS):
+            start, doc = 0, 0
+            end = SEQ - row  # later rows carry padding
+            while start < end:
+                length = min(int(torch.randint(2, 7, (1,), generator=g)), end - start)
+                span = slice(start, start + length)
+                positions[row, span] = torch.arange(length)
+                documents[row, span] = doc
+                labels[row, start : start + length - 1] = ids[row, start + 1 : start + length]
+                start, doc = start + length, doc + 1
+        out.append({"input_ids": ids, "labels": labels, "position_ids": positions, "document_ids": documents})
+    return out
+
+
+def train_model_steps(model, optimizer, env, batches, params) -> list[float]:
+    losses = []
+    for batch in batches:
+        rows = list(fd.rank_rows(ROWS, env.rank, env.world_size))
+        local = {k: v[rows] for k, v in batch.items()}
+        n_global = fd.global_sum((local["labels"] != -100).sum(), env)
+        logits = model(
+            local["input_ids"], position_ids=local["position_ids"], document_ids=local["document_ids"]
+        )
+        loss_sum = F.cross_entropy(logits.reshape(-1, VOCAB), local["labels"].reshape(-1), reduction="sum")
+        (loss_sum * fd.loss_scale(env) / n_global.float()).backward()
+        fd.clip_grad_norm(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(fd.global_sum(loss_sum.detach(), env) / n_global))
+    return losses
+
+
+MODEL_RUNS = (("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora"))
+
+
+def job_real_model(env: fd.DistEnv, out: str) -> None:
+    batches = packed_batches(STEPS)
+    for strategy, method in MODEL_RUNS:
+        model = fd.wrap_model(tiny_llama(method), env, strategy)
+        optimizer, params = make_optimizer(model)
+        losses = train_model_steps(model, optimizer, env, batches, params)
+        with open(os.path.join(out, f"{strategy}-{method}.rank{env.rank}.json"), "w") as f:
+            json.dump(losses, f)
+        if method == "lora":
+            fd.export_adapter(model, os.path.join(out, f"{strategy}-{method}-adapter"), env)
+        fd.export_model(model, os.path.join(out, f"{strategy}-{method}-model"), env)
+
+
+def test_real_model_ddp_fsdp_lora_match_single_process_and_export_whole(tmp_path):
+    from ferrotune.models import save_model
+    from ferrotune.peft import save_adapter
+
+    out = run_ranks("job_real_model", tmp_path)
+    batches = packed_batches(STEPS)
+    for strategy, method in MODEL_RUNS:
+        model = tiny_llama(method)
+        optimizer, params = make_optimizer(model)
+        start = [p.detach().clone() for p in params]
+        want = train_model_steps(model, optimizer, fd.DistEnv(), batches, params)
+        assert all(not torch.allclose(a, b) for a, b in zip(start, params, strict=True))  # all trained
+        name = f"{strategy}-{method}"
+        for rank in (0, 1):
+            assert read_json(os.path.join(out, f"{name}.rank{rank}.json")) == pytest.approx(want, rel=1e-5)
+        save_model(model, tmp_path / f"ref-{name}-model")
+        _assert_close_states(
+            load_file(os.path.join(out, f"{name}-model", "model.safetensors")),
+            load_file(tmp_path / f"ref-{name}-model" / "model.safetensors"),
+        )
+        if method == "lora":
+            # The adapter exported under FSDP: PEFT's keys, every tensor whole, the same config.
+            save_adapter(model, str(tmp_path / f"ref-{name}-adapter"))
+            got = load_file(os.path.join(out, f"{name}-adapter", "adapter_model.safetensors"))
+            ref = load_file(tmp_path / f"ref-{name}-adapter" / "adapter_model.safetensors")
+            assert len(ref) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+            _assert_close_states(got, ref)
+            assert read_json(os.path.join(out, f"{name}-adapter", "adapter_config.json")) == read_json(
+                str(tmp_path / f"ref-{name}-adapter" / "adapter_config.json")
+            )

@@ -325,12 +325,75 @@ def gather_full_state_dict(model: nn.Module, *, trainable_only: bool = False) ->
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     state = get_model_state_dict(model, options=options)
-    if trainable_only:
+    if trainable_only and state:  # rank 0 holds the result: it must be the whole adapter
         expected = {name for name, p in unwrap(model).named_parameters() if p.requires_grad}
-        if state and set(state) != expected:  # rank 0 holds the result; must be the whole adapter
-            missing = sorted(expected - set(state))[:5]
-            raise RuntimeError(f"adapter gather incomplete: missing {missing}")
+        missing = sorted(expected - set(state))
+        if missing:
+            raise RuntimeError(f"adapter gather incomplete: missing {missing[:5]}")
+        # torch keeps the second name of a tied frozen weight (lm_head of tied embeddings): drop it
+        state = {name: tensor for name, tensor in state.items() if name in expected}
     return state
+
+
+@contextlib.contextmanager
+def full_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Within the block, the parameters named in `tensors` (as `gather_full_state_dict` returns
+    them) are those full tensors instead of this rank's shards; tied parameters stay tied. Lets
+    the single-process writers (`save_model`, `save_adapter`) export a sharded model from rank 0.
+    The model must not run forward or backward inside the block."""
+    root = unwrap(model)
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    replacement: dict[int, nn.Parameter] = {}
+    try:
+        for fqn, param in list(root.named_parameters(remove_duplicate=False)):
+            if id(param) not in replacement:
+                if fqn not in tensors:
+                    continue
+                replacement[id(param)] = nn.Parameter(tensors[fqn], requires_grad=False)
+            owner_path, _, pname = fqn.rpartition(".")
+            owner = root.get_submodule(owner_path)
+            swapped.append((owner, pname, param))
+            owner._parameters[pname] = replacement[id(param)]
+        yield root
+    finally:
+        for owner, pname, param in reversed(swapped):
+            owner._parameters[pname] = param
+
+
+def export_model(model: nn.Module, folder: str | os.PathLike[str], env: DistEnv, **save_options: Any) -> None:
+    """Consolidated Hugging Face checkpoint of a DDP / FSDP model, written by rank 0 with
+    `ferrotune.models.save_model` (every rank must call this: the shards are all-gathered)."""
+    from ferrotune.models.load import save_model
+
+    state = gather_full_state_dict(model)
+    if env.is_main:
+        with full_parameters(model, state) as full:
+            save_model(full, folder, **save_options)  # type: ignore[arg-type]
+    barrier(env)
+
+
+def export_adapter(
+    model: nn.Module, folder: str | os.PathLike[str], env: DistEnv, name: str = "default", **save_options: Any
+) -> None:
+    """PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of a DDP / FSDP model,
+    written by rank 0 with `ferrotune.peft.save_adapter`. Only the trainable tensors are gathered,
+    each whole: an FSDP rank's local shard never reaches the file (every rank must call this)."""
+    from ferrotune.peft import adapter_state_dict, save_adapter
+
+    state = gather_full_state_dict(model, trainable_only=True)
+    if env.is_main:
+        with full_parameters(model, state) as full:
+            partial = [k for k, v in adapter_state_dict(full, name).items() if _is_dtensor(v)]
+            if partial:
+                raise RuntimeError(f"adapter {name!r}: {partial[:3]} are not trainable, so not gathered")
+            save_adapter(full, os.fspath(folder), name, **save_options)
+    barrier(env)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def _tmp_dir(path: str) -> str:
