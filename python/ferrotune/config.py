@@ -1,0 +1,240 @@
+"""Run configuration: typed dataclasses, loaded from TOML and overridden by `a.b=c` arguments.
+
+    ferrotune train run.toml train.lr=1e-4 model.gradient_checkpointing=true
+
+Every key is checked against the dataclass that owns it: an unknown key, a value of the wrong
+type or one outside its allowed set raises `ConfigError` naming the full dotted key (and, for a
+misspelling, the nearest valid key). Override values are parsed as TOML values (`3`, `1e-4`,
+`true`, `"text"`, `[1, 2]`); a bare word that is not valid TOML is taken as a string.
+
+A section belongs to one dataclass; methods (PEFT, preference training) add their own section
+dataclasses as fields of `MethodConfig`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ferrotune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """The network: an HF checkpoint folder, or (`path` empty) a fresh random model whose shape is
+    given in `init` with HF config.json keys (for pretraining from scratch)."""
+
+    path: str = ""
+    init: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
+    gradient_checkpointing: bool = False
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Training data. `train` / `eval`: a prepared folder (`ferrotune prepare`), or for small runs a
+    JSONL file (`text` field for pretraining; `messages` or `prompt`/`response` for SFT) that is
+    tokenised and packed in memory."""
+
+    train: str = ""
+    eval: str = ""
+    seq_len: int = 512
+    eval_fraction: float = 0.0  # held out from `train` when `eval` is empty
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. The optimizer sees `batch_size * grad_accum` rows per step."""
+
+    steps: int = 100
+    batch_size: int = 8  # rows per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    device: str = "auto"
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes and how often."""
+
+    output_dir: str = "runs/ferrotune"
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 0  # 0: the whole eval set
+    save_every: int = 0  # 0: only the final model
+    keep_checkpoints: int = 2
+    resume: bool = False
+    tensorboard: bool = True  # when the tensorboard package is installed
+    plot: bool = True  # loss-curve PNG when matplotlib is installed
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method. "full" trains every parameter; PEFT methods add their sections here."""
+
+    name: str = "full"
+
+
+@dataclass
+class Config:
+    task: Literal["pretrain", "sft"] = "sft"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, with errors that name the key
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting int -> float where a float is due."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")  # type: ignore[arg-type]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Builds dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            values[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{f.name}: required")
+    return cls(**values)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain dicts and lists (for saving with the run)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are TOML; bare words are strings."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value, like train.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a table")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type[T] = Config) -> T:  # type: ignore[assignment]
+    """Reads a TOML file (or none: defaults), applies `a.b=c` overrides, and validates."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such config file") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{file}: {err}") from None
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
