@@ -8,6 +8,7 @@ file rendezvous, so parallel test runs never fight over a port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -286,8 +287,7 @@ def test_sharded_checkpoint_resumes_on_2_ranks_and_on_1(tmp_path):
     assert resumed == pytest.approx(straight, rel=1e-6)
     final = load_file(os.path.join(out, "straight.safetensors"))
     _assert_close_states(load_file(os.path.join(out, "resumed.safetensors")), final, atol=1e-6)
-    with open(os.path.join(out, "ckpt", "trainer_state.json")) as f:
-        assert json.load(f)["world_size"] == 2
+    assert read_json(os.path.join(out, "ckpt", "progress.json"))["world_size"] == 2
 
     # One process, no process group, plain model: the 2-rank checkpoint resharded onto 1 rank.
     env = fd.DistEnv()
@@ -472,3 +472,92 @@ def test_real_model_ddp_fsdp_lora_match_single_process_and_export_whole(tmp_path
             assert read_json(os.path.join(out, f"{name}-adapter", "adapter_config.json")) == read_json(
                 str(tmp_path / f"ref-{name}-adapter" / "adapter_config.json")
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop (ferrotune.train.loop) under torchrun-style ranks
+# --------------------------------------------------------------------------------------------------
+
+
+def loop_rows() -> list[dict[str, torch.Tensor]]:
+    """16 packed rows (the batch contract), unequal trained-token counts."""
+    return [{k: v[row] for k, v in batch.items()} for batch in packed_batches(4) for row in range(ROWS)]
+
+
+def loop_config(out: str, strategy: str, world: int, **run):
+    from ferrotune.config import Config, RunConfig, TrainConfig
+
+    train = TrainConfig(
+        steps=4,
+        batch_size=4 // world,
+        grad_accum=2,
+        lr=1e-2,
+        warmup_steps=1,
+        weight_decay=0.1,
+        strategy=strategy,
+    )
+    run_cfg = RunConfig(output_dir=out, log_every=1, save_every=2, tensorboard=False, plot=False, **run)
+    return Config(seed=3, train=train, run=run_cfg)
+
+
+class Killed(Exception):
+    pass
+
+
+def job_loop(env: fd.DistEnv, out: str) -> None:
+    from ferrotune.train.loop import RowBatches, train_loop
+
+    def batches():
+        return RowBatches(loop_rows(), 2, seed=5, rank=env.rank, world_size=env.world_size)
+
+    for strategy in ("ddp", "fsdp"):
+        config = loop_config(os.path.join(out, strategy), strategy, env.world_size)
+        result = train_loop(tiny_llama(), config, batches(), env=env)
+        with open(os.path.join(out, f"loop-{strategy}.rank{env.rank}.json"), "w") as f:
+            json.dump(result.losses, f)
+
+    def kill_at_three(step: int, loss: float) -> None:
+        if step == 3:
+            raise Killed
+
+    cut = os.path.join(out, "cut")
+    with contextlib.suppress(Killed):
+        train_loop(tiny_llama(), loop_config(cut, "fsdp", 2), batches(), env=env, on_step=kill_at_three)
+    resumed = train_loop(tiny_llama("full"), loop_config(cut, "fsdp", 2, resume=True), batches(), env=env)
+    with open(os.path.join(out, f"loop-resumed.rank{env.rank}.json"), "w") as f:
+        json.dump([resumed.resumed_from, *resumed.losses], f)
+
+
+def test_training_loop_on_2_ranks_equals_one_process_and_resumes_on_1(tmp_path):
+    from ferrotune.train.loop import RowBatches, latest_checkpoint, train_loop
+
+    out = run_ranks("job_loop", tmp_path)
+    reference = train_loop(
+        tiny_llama(),
+        loop_config(str(tmp_path / "one"), "none", 1),
+        RowBatches(loop_rows(), 4, seed=5),
+        quiet=True,
+    )
+    assert len(reference.losses) == 4
+    for strategy in ("ddp", "fsdp"):
+        for rank in (0, 1):
+            got = read_json(os.path.join(out, f"loop-{strategy}.rank{rank}.json"))
+            assert got == pytest.approx(reference.losses, rel=1e-5), (strategy, rank)
+    # Only rank 0 logs: one metrics file, one line per step.
+    metrics = (tmp_path / "job_loop" / "fsdp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4]
+
+    # Killed after step 3, resumed on 2 ranks from the sharded step-2 checkpoint.
+    resumed = read_json(os.path.join(out, "loop-resumed.rank0.json"))
+    assert resumed[0] == 2 and resumed[1:] == pytest.approx(reference.losses[2:], rel=1e-5)
+
+    # The same 2-rank checkpoint resumed by one plain process.
+    cut = tmp_path / "job_loop" / "cut"
+    assert latest_checkpoint(cut).name == "step-000002" and fd.is_sharded_checkpoint(latest_checkpoint(cut))
+    one = train_loop(
+        tiny_llama(),
+        loop_config(str(cut), "none", 1, resume=True),
+        RowBatches(loop_rows(), 4, seed=5),
+        quiet=True,
+    )
+    assert one.resumed_from == 2 and one.losses == pytest.approx(reference.losses[2:], rel=1e-5)

@@ -46,7 +46,8 @@ from torch import nn
 from ferrotune.errors import ConfigError, FormatError
 
 STRATEGIES = ("none", "ddp", "fsdp")
-TRAINER_STATE = "trainer_state.json"
+PROGRESS = "progress.json"  # the training loop's name for a checkpoint's progress record
+CHECKPOINT_FORMAT = "torch.distributed.checkpoint"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,12 +292,31 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clips the global gradient norm over all ranks' shards to `max_norm`; returns the norm
-    before clipping (the same on every rank)."""
+    before clipping (a plain scalar tensor, the same on every rank)."""
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    full = getattr(norm, "full_tensor", None)  # a DTensor under FSDP
-    return float(full() if full is not None else norm)
+    return norm.full_tensor() if _is_dtensor(norm) else norm
+
+
+def wrap_for_training(model: nn.Module, env: DistEnv, train: Any, precision: str) -> nn.Module:
+    """`wrap_model` with the settings of a `[train]` config section (`strategy`,
+    `fsdp_cpu_offload`, `fsdp_shard_group_size`); bf16 compute copies under "bf16-mixed"."""
+    if env.distributed and train.strategy == "none":
+        raise ConfigError(
+            f"train.strategy: launched on {env.world_size} processes; set it to 'ddp' or 'fsdp'"
+        )
+    if train.strategy == "ddp":
+        model = model.to(env.device)
+    return wrap_model(
+        model,
+        env,
+        train.strategy,
+        param_dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
+        reduce_dtype=torch.float32,
+        cpu_offload=train.fsdp_cpu_offload,
+        shard_group_size=train.fsdp_shard_group_size or None,
+    )
 
 
 def load_full_state_dict(
@@ -396,6 +416,22 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True for a folder written by `save_sharded`."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def unwrap_for_plain_checkpoint(model: nn.Module) -> nn.Module:
+    """The module whose names match a single-process checkpoint; FSDP-sharded models cannot load
+    one in place (resume such a run on one process, or from a sharded checkpoint)."""
+    if is_fsdp(model):
+        raise ConfigError(
+            "train.strategy = 'fsdp' cannot resume from a single-process checkpoint; "
+            "resume it with strategy 'none' or 'ddp'"
+        )
+    return unwrap(model)
+
+
 def _tmp_dir(path: str) -> str:
     return path.rstrip("/") + ".partial"
 
@@ -408,8 +444,8 @@ def save_sharded(
     trainer_state: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes a sharded checkpoint folder with torch.distributed.checkpoint: each rank writes its
-    own shards of the model and optimizer state, rank 0 adds `trainer_state.json` (step, data
-    position, ... as given). The folder appears under `path` only once complete (written beside it,
+    own shards of the model and optimizer state, rank 0 adds `progress.json` (step, data
+    position, ... as given, plus the world size). The folder appears under `path` only once complete (written beside it,
     then renamed); a checkpoint already there is replaced. Multi-node runs need `path` on a
     filesystem every node sees."""
     import torch.distributed.checkpoint as dcp
@@ -427,8 +463,8 @@ def save_sharded(
         state["optim"] = optim_state
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=not env.distributed)
     if env.is_main:
-        meta = {"world_size": env.world_size, "trainer_state": dict(trainer_state or {})}
-        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+        meta = {**dict(trainer_state or {}), "world_size": env.world_size, "format": CHECKPOINT_FORMAT}
+        with open(os.path.join(tmp, PROGRESS), "w") as f:
             json.dump(meta, f, indent=1)
         old = final.rstrip("/") + ".old"
         if os.path.exists(final):
@@ -450,9 +486,9 @@ def load_sharded(
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     folder = os.fspath(path)
-    meta_path = os.path.join(folder, TRAINER_STATE)
-    if not os.path.isfile(meta_path):
-        raise FormatError(f"{folder}: not a sharded checkpoint (no {TRAINER_STATE})", path=folder)
+    meta_path = os.path.join(folder, PROGRESS)
+    if not os.path.isfile(meta_path) or not is_sharded_checkpoint(folder):
+        raise FormatError(f"{folder}: not a sharded checkpoint (no {PROGRESS} and .metadata)", path=folder)
     with open(meta_path) as f:
         try:
             meta = json.load(f)
@@ -473,7 +509,7 @@ def load_sharded(
         model_state_dict=state["model"],
         optim_state_dict=state.get("optim", {}),
     )
-    return dict(meta.get("trainer_state", {}))
+    return {k: v for k, v in meta.items() if k not in ("world_size", "format")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
