@@ -212,15 +212,25 @@ def _record(
         json.dump(losses, f)
 
 
+# name -> (strategy, method, wrap_model options): the 4-bit storage, CPU offload, HSDP, DDP with
+# frozen parameters (the real model covers DDP / FSDP full fine-tuning and FSDP LoRA below).
+STANDIN_RUNS = {
+    "fsdp-qlora": ("fsdp", "qlora", {}),
+    "fsdp-lora-offload": ("fsdp", "lora", {"cpu_offload": True}),
+    "hsdp-full": ("fsdp", "full", {"shard_group_size": 1}),
+    "ddp-lora": ("ddp", "lora", {}),
+}
+
+
 def job_strategies(env: fd.DistEnv, out: str) -> None:
     batches = global_batches()[:STEPS]
-    for strategy, method in (("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora"), ("fsdp", "qlora")):
-        model = fd.wrap_model(TinyDecoder(method), env, strategy)
+    for name, (strategy, method, options) in STANDIN_RUNS.items():
+        model = fd.wrap_model(TinyDecoder(method), env, strategy, **options)
         optimizer, params = make_optimizer(model)
         losses = train_steps(model, optimizer, env, batches, params)
-        _record(env, out, f"{strategy}-{method}", model, losses)
+        _record(env, out, name, model, losses)
         if method != "full":
-            _record(env, out, f"{strategy}-{method}-adapter", model, losses, trainable_only=True)
+            _record(env, out, f"{name}-adapter", model, losses, trainable_only=True)
         if method == "qlora":  # the 4-bit codes are sharded, not replicated
             packed = model.model.layers[0].up_proj.base.packed
             with open(os.path.join(out, f"packed.rank{env.rank}.json"), "w") as f:
@@ -235,12 +245,11 @@ def _assert_close_states(got: dict, want: dict, atol: float = 2e-5) -> None:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=name)
 
 
-def test_ddp_and_fsdp_match_single_process(tmp_path):
+def test_fsdp_qlora_offload_hsdp_ddp_match_single_process(tmp_path):
     out = run_ranks("job_strategies", tmp_path)
     batches = global_batches()[:STEPS]
-    for strategy, method in (("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora"), ("fsdp", "qlora")):
+    for name, (_, method, _) in STANDIN_RUNS.items():
         want_losses, want_state = single_process(method, batches)
-        name = f"{strategy}-{method}"
         for rank in (0, 1):
             losses = read_json(os.path.join(out, f"{name}.rank{rank}.json"))
             assert losses == pytest.approx(want_losses, rel=1e-5), (name, rank)

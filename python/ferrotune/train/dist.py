@@ -252,7 +252,7 @@ def wrap_model(
     mesh = _device_mesh(env, shard_group_size)
     compute = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     storage = MixedPrecisionPolicy()  # quantized codes and their scales travel untouched
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in decoder_blocks(model):
         quantized = [m for m in block.modules() if holds_quantized_storage(m)]
         if quantized:
