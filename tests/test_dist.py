@@ -369,11 +369,10 @@ def test_bad_settings_are_named():
 # --------------------------------------------------------------------------------------------------
 
 
-def tiny_llama(method: str = "full"):
-    from ferrotune.models import CausalLM, LlamaConfig
-    from ferrotune.peft import LoraConfig, apply_peft
+def tiny_config():
+    from ferrotune.models import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -382,7 +381,13 @@ def tiny_llama(method: str = "full"):
         num_key_value_heads=2,
         tie_word_embeddings=True,
     )
-    model = CausalLM(config)
+
+
+def tiny_llama(method: str = "full"):
+    from ferrotune.models import CausalLM
+    from ferrotune.peft import LoraConfig, apply_peft
+
+    model = CausalLM(tiny_config())
     model.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
     if method == "lora":
         torch.manual_seed(1)
@@ -450,6 +455,19 @@ def job_real_model(env: fd.DistEnv, out: str) -> None:
             fd.export_adapter(model, os.path.join(out, f"{strategy}-{method}-adapter"), env)
         fd.export_model(model, os.path.join(out, f"{strategy}-{method}-model"), env)
 
+    # A model too big for one device: built on the meta device, sharded, allocated shard by shard,
+    # then each rank copies only its shard from the memory-mapped checkpoint exported above.
+    from ferrotune.io import load_checkpoint
+    from ferrotune.models import CausalLM
+
+    with torch.device("meta"):
+        model = CausalLM(tiny_config())
+    fd.wrap_model(model, env, "fsdp")
+    model.to_empty(device=env.device)
+    fd.load_full_state_dict(model, load_checkpoint(os.path.join(out, "fsdp-full-model", "model.safetensors")))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    fd.export_model(model, os.path.join(out, "meta-loaded-model"), env)
+
 
 def test_real_model_ddp_fsdp_lora_match_single_process_and_export_whole(tmp_path):
     from ferrotune.models import save_model
@@ -467,6 +485,12 @@ def test_real_model_ddp_fsdp_lora_match_single_process_and_export_whole(tmp_path
         for rank in (0, 1):
             assert read_json(os.path.join(out, f"{name}.rank{rank}.json")) == pytest.approx(want, rel=1e-5)
         save_model(model, tmp_path / f"ref-{name}-model")
+        if name == "fsdp-full":
+            _assert_close_states(
+                load_file(os.path.join(out, "meta-loaded-model", "model.safetensors")),
+                load_file(os.path.join(out, "fsdp-full-model", "model.safetensors")),
+                atol=0,
+            )
         _assert_close_states(
             load_file(os.path.join(out, f"{name}-model", "model.safetensors")),
             load_file(tmp_path / f"ref-{name}-model" / "model.safetensors"),

@@ -324,10 +324,20 @@ def load_full_state_dict(
 ) -> None:
     """Fills a (possibly sharded, possibly meta-initialised then `to_empty`) model from full tensors
     given on every rank, for example a memory-mapped Hugging Face checkpoint: each rank copies only
-    its own shard, so no rank ever holds a second full copy of the model."""
+    its own shard, so no rank ever holds a second full copy of the model. A tied weight may be
+    given under either of its names (HF checkpoints leave out `lm_head.weight` when tied)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, dict(tensors), options=StateDictOptions(full_state_dict=True, strict=strict))
+    state = dict(tensors)
+    names_of: dict[int, list[str]] = {}
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        given = [n for n in names if n in state]
+        for name in names:
+            if given and name not in state:
+                state[name] = state[given[0]]
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 # --------------------------------------------------------------------------------------------------
