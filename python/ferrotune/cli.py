@@ -10,7 +10,12 @@ import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("ferrotune.train.run", "train from a TOML config: pretrain or sft, full fine-tuning"),
     "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
+    "quickstart": (
+        "ferrotune.quickstart",
+        "tokenizer + tiny model, pretraining, SFT, eval: the whole job on a CPU",
+    ),
 }
 
 
