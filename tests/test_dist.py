@@ -594,3 +594,77 @@ def test_training_loop_on_2_ranks_equals_one_process_and_resumes_on_1(tmp_path):
         quiet=True,
     )
     assert one.resumed_from == 2 and one.losses == pytest.approx(reference.losses[2:], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# `torchrun --nproc-per-node 2 -m ferrotune train cfg.toml`
+# --------------------------------------------------------------------------------------------------
+
+RUN_TOML = """
+task = "pretrain"
+seed = 4
+[model]
+tokenizer = "{tok}"
+init = {{ vocab_size = 320, hidden_size = 32, intermediate_size = 48, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, tie_word_embeddings = true }}
+[data]
+train = "{corpus}"
+seq_len = 32
+[train]
+steps = 3
+batch_size = 2
+lr = 1e-2
+warmup_steps = 1
+strategy = "fsdp"
+[run]
+output_dir = "{out}"
+log_every = 1
+save_every = 2
+tensorboard = false
+plot = false
+"""
+
+
+def test_torchrun_ferrotune_train_fsdp_equals_one_process(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    from ferrotune.config import load_config
+    from ferrotune.quickstart import train_tokenizer
+    from ferrotune.train.run import train_from_config
+
+    rng = random.Random(0)
+    words = ["salt", "amber", "wool", "figs", "glass", "rope", "honey", "tin", "boat", "sea"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choices(words, k=rng.randint(5, 30))) for _ in range(60)))
+    train_tokenizer(corpus, tmp_path / "tok", vocab_size=320)
+    toml = tmp_path / "run.toml"
+    toml.write_text(RUN_TOML.format(tok=tmp_path / "tok", corpus=corpus, out=tmp_path / "two"))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*command, "-m", "ferrotune", "train", str(toml)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "final train loss" in done.stdout and done.stdout.count("model:") == 1  # rank 0 reports
+
+    # One process, the same global batch (2 rows x 2 ranks).
+    overrides = ["train.strategy=none", "train.batch_size=4", f"run.output_dir={tmp_path / 'one'}"]
+    one = train_from_config(load_config(toml, overrides), quiet=True)
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if "loss" in line]
+
+    assert losses("two") == pytest.approx(one.result.losses, rel=1e-5) and len(one.result.losses) == 3
+    _assert_close_states(
+        load_file(tmp_path / "two" / "final" / "model.safetensors"),
+        load_file(tmp_path / "one" / "final" / "model.safetensors"),
+    )
+    assert (tmp_path / "two" / "final" / "tokenizer.json").exists()
+    assert fd.is_sharded_checkpoint(tmp_path / "two" / "checkpoints" / "step-000002")

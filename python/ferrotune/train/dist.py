@@ -118,6 +118,25 @@ def init_distributed(
     return DistEnv(rank, world_size, local_rank, torch_device, backend)
 
 
+def setup(train: Any) -> DistEnv:
+    """The process group a `[train]` config section asks for: none for `strategy = "none"` (an
+    error under a multi-process torchrun), else `init_distributed` on the configured device."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+    if train.strategy == "none":
+        if world > 1:
+            raise ConfigError(f"train.strategy: launched on {world} processes; set it to 'ddp' or 'fsdp'")
+        return DistEnv()
+    if train.strategy not in STRATEGIES:
+        raise ConfigError(f"train.strategy: expected one of {', '.join(STRATEGIES)}, got {train.strategy!r}")
+    if not launched_by_torchrun():
+        raise ConfigError(
+            f"train.strategy = {train.strategy!r}: launch with torchrun, for example "
+            "`torchrun --standalone --nproc-per-node 2 -m ferrotune train config.toml`"
+        )
+    device = str(train.device)
+    return init_distributed(None if device == "auto" else device.split(":")[0])
+
+
 def shutdown(env: DistEnv) -> None:
     """Leaves the process group (waits for every rank first)."""
     if env.distributed and dist.is_initialized():
@@ -390,16 +409,29 @@ def full_parameters(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> It
             owner._parameters[pname] = param
 
 
+@contextlib.contextmanager
+def full_model_on_main(model: nn.Module, env: DistEnv) -> Iterator[nn.Module | None]:
+    """Every rank enters (the shards are all-gathered); rank 0 gets the model with full CPU
+    parameters for a single-process writer, the other ranks None. All leave together."""
+    state = gather_full_state_dict(model)
+    try:
+        if env.is_main:
+            with full_parameters(model, state) as full:
+                yield full
+        else:
+            yield None
+    finally:
+        barrier(env)
+
+
 def export_model(model: nn.Module, folder: str | os.PathLike[str], env: DistEnv, **save_options: Any) -> None:
     """Consolidated Hugging Face checkpoint of a DDP / FSDP model, written by rank 0 with
     `ferrotune.models.save_model` (every rank must call this: the shards are all-gathered)."""
     from ferrotune.models.load import save_model
 
-    state = gather_full_state_dict(model)
-    if env.is_main:
-        with full_parameters(model, state) as full:
+    with full_model_on_main(model, env) as full:
+        if full is not None:
             save_model(full, folder, **save_options)  # type: ignore[arg-type]
-    barrier(env)
 
 
 def export_adapter(
