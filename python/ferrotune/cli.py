@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ferrotune.quickstart",
         "tokenizer + tiny model, pretraining, SFT, eval: the whole job on a CPU",
     ),
+    "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
 }
 
 

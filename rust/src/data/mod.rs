@@ -1,1 +1,3 @@
 //! Data preparation: JSONL in, packed token shards out.
+
+pub mod bpe;
