@@ -3,8 +3,8 @@ weights on the same global batch; sharded checkpoints resume on 2 ranks and on 1
 under FSDP are whole; quantized (uint8) storage is sharded and all-gathered bit for bit.
 
 The engine-level tests use a small stand-in decoder (below) with the Hugging Face layout the real
-model has (`model.layers.{i}`); the ranks are spawned with torch.multiprocessing and meet through a
-file rendezvous, so parallel test runs never fight over a port."""
+model has (`model.layers.{i}`); the ranks are spawned with torch.multiprocessing and meet at a store
+this process hosts on a free port, as torchrun's workers meet at its agent's store."""
 
 from __future__ import annotations
 
@@ -165,10 +165,19 @@ def single_process(method: str, batches) -> tuple[list[float], dict[str, torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def _entry(rank: int, world: int, rdzv: str, job: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+def _entry(rank: int, world: int, port: int, job: str, out: str) -> None:
+    # What torchrun gives each worker: its rank, and a rendezvous store hosted outside the workers.
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+        TORCHELASTIC_RESTART_COUNT="0",
+    )
     torch.set_num_threads(1)
-    env = fd.init_distributed("cpu", init_method=f"file://{rdzv}")
+    env = fd.init_distributed("cpu")
     try:
         globals()[job](env, out)
     except BaseException:
@@ -180,18 +189,23 @@ def _entry(rank: int, world: int, rdzv: str, job: str, out: str) -> None:
 
 
 def run_ranks(job: str, tmp_path, world: int = 2) -> str:
+    """Runs `job(env, out)` on `world` spawned ranks as torchrun would (the store lives in this
+    process, on a free port, so the ranks can come and go in any order)."""
+    from torch.distributed import TCPStore
+
     out = str(tmp_path / job)
     os.makedirs(out, exist_ok=True)
+    store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     try:
-        mp.start_processes(
-            _entry, args=(world, str(tmp_path / f"rdzv-{job}"), job, out), nprocs=world, start_method="spawn"
-        )
+        mp.start_processes(_entry, args=(world, store.port, job, out), nprocs=world, start_method="spawn")
     except ProcessException:
         errors = []
         for name in sorted(n for n in os.listdir(out) if n.startswith("error")):
             with open(os.path.join(out, name)) as f:
                 errors.append(f.read())
         pytest.fail("a rank failed:\n" + "\n".join(errors))
+    finally:
+        del store
     return out
 
 
