@@ -66,6 +66,7 @@ class FastBpe:
     def encode_batch_flat(self, texts: Sequence[str]) -> tuple[NativeTensor, NativeTensor]: ...
 
 def bpe_split_pieces(pattern: str, text: str) -> list[str] | None: ...
+
 # --- quantization (ferrotune.quant) ---
 
 def quantize_4bit(
@@ -80,6 +81,15 @@ def quantize_nested(
 def dequantize_nested(codes: Buffer, nested_absmax: Buffer, offset: float) -> NativeTensor: ...
 def dynamic_map_signed() -> NativeTensor: ...
 def quant_map(quant_type: str) -> NativeTensor: ...
+def quantize_checkpoint_dir(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    skip: list[str] | None = None,
+    progress: bool = True,
+) -> str: ...
 # --- merge: adapter merging, combination, extraction, export (rust/src/py/merge.rs) ---
 
 def merge_adapter(

@@ -2,6 +2,8 @@
 //! Inputs are any C-contiguous buffer (a torch tensor viewed as uint8 and `.numpy()`, a numpy
 //! array); outputs are `NativeTensor`s that `torch.from_dlpack` wraps without a copy.
 
+use std::path::PathBuf;
+
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -10,6 +12,7 @@ use pyo3::types::PyMemoryView;
 use super::errors::run_detached;
 use super::tensor::NativeTensor;
 use crate::io::Dtype;
+use crate::quant::checkpoint::{quantize_checkpoint, QuantizeOptions};
 use crate::quant::nf4::{self, Element, OutElement, QuantType};
 
 /// A borrowed buffer, readable while the GIL is released (the `PyBuffer` pins it).
@@ -224,6 +227,35 @@ fn quant_map(quant_type: &str) -> PyResult<NativeTensor> {
     ))
 }
 
+/// Streams the HF checkpoint folder `input` into a bitsandbytes 4-bit checkpoint in `output`
+/// (see `crate::quant::checkpoint`). Returns the run's summary as JSON text.
+#[pyfunction]
+#[pyo3(signature = (input, output, blocksize=64, quant_type="nf4", double_quant=true, skip=None, progress=true))]
+#[allow(clippy::too_many_arguments)]
+fn quantize_checkpoint_dir(
+    py: Python<'_>,
+    input: PathBuf,
+    output: PathBuf,
+    blocksize: usize,
+    quant_type: &str,
+    double_quant: bool,
+    skip: Option<Vec<String>>,
+    progress: bool,
+) -> PyResult<String> {
+    let quant_type = QuantType::parse(quant_type).map_err(super::errors::to_pyerr)?;
+    let options = QuantizeOptions {
+        blocksize,
+        quant_type,
+        double_quant,
+        skip: skip.unwrap_or_else(|| vec!["lm_head".to_string()]),
+        progress,
+    };
+    run_detached(py, move || {
+        let summary = quantize_checkpoint(&input, &output, &options)?;
+        Ok(serde_json::to_string(&summary).expect("summary serializes"))
+    })
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
@@ -231,5 +263,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dequantize_nested, m)?)?;
     m.add_function(wrap_pyfunction!(dynamic_map_signed, m)?)?;
     m.add_function(wrap_pyfunction!(quant_map, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_checkpoint_dir, m)?)?;
     Ok(())
 }

@@ -291,14 +291,25 @@ pub struct Quantized4bit {
 /// Blocks handed to one rayon task (enough work to amortise scheduling).
 const ELEMENTS_PER_TASK: usize = 1 << 16;
 
-/// absmax of one block as the kernel reduces it (see the module docs).
+/// absmax of one block as the kernel reduces it (see the module docs). Eight independent lanes
+/// so the loop vectorizes; max is exact, so the order of the reduction does not matter.
 #[inline(always)]
 fn block_absmax<T: Element>(block: &[T], partial: bool) -> f32 {
-    let mut m = -f32::MAX;
-    for &x in block {
-        let a = ftz(x.to_f32().abs());
-        m = if a > m { a } else { m };
+    let mut lanes = [-f32::MAX; 8];
+    let mut chunks = block.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            let a = ftz(x.to_f32().abs());
+            *m = if a > *m { a } else { *m };
+        }
     }
+    for (m, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        let a = ftz(x.to_f32().abs());
+        *m = if a > *m { a } else { *m };
+    }
+    let mut m = lanes
+        .into_iter()
+        .fold(-f32::MAX, |m, a| if a > m { a } else { m });
     if partial && m < 0.0 {
         m = 0.0;
     }
@@ -326,6 +337,10 @@ fn fp4_code(p: f32) -> u8 {
     FP4_BY_RANK[c as usize] | (((p < 0.0) as u8) << 3)
 }
 
+/// Elements coded per inner step: every blocksize is a multiple, and fixed-size arrays let the
+/// compiler vectorize the comparisons.
+const STEP: usize = 32;
+
 /// Quantizes one block (`block.len()` <= blocksize, even except for the last block of an odd
 /// element count) into `out` (`ceil(len / 2)` bytes); returns its absmax.
 #[inline(always)]
@@ -340,13 +355,28 @@ fn quantize_block<T: Element, const NF4: bool>(block: &[T], partial: bool, out: 
             fp4_code(p)
         }
     };
-    let pairs = block.len() / 2;
-    for (byte, pair) in out[..pairs].iter_mut().zip(block.chunks_exact(2)) {
+    let whole = block.len() / STEP * STEP;
+    let mut codes = [0u8; STEP];
+    for (src, dst) in block[..whole]
+        .chunks_exact(STEP)
+        .zip(out.chunks_exact_mut(STEP / 2))
+    {
+        for (c, &x) in codes.iter_mut().zip(src) {
+            *c = code(x.to_f32());
+        }
+        for (j, byte) in dst.iter_mut().enumerate() {
+            *byte = (codes[2 * j] << 4) | codes[2 * j + 1];
+        }
+    }
+    let rest = &block[whole..];
+    let out = &mut out[whole / 2..];
+    let pairs = rest.len() / 2;
+    for (byte, pair) in out[..pairs].iter_mut().zip(rest.chunks_exact(2)) {
         *byte = (code(pair[0].to_f32()) << 4) | code(pair[1].to_f32());
     }
-    if block.len() % 2 == 1 {
+    if rest.len() % 2 == 1 {
         // The odd last element pairs with the zero the kernel's load pads in.
-        out[pairs] = (code(block[block.len() - 1].to_f32()) << 4) | code(0.0);
+        out[pairs] = (code(rest[rest.len() - 1].to_f32()) << 4) | code(0.0);
     }
     absmax
 }
@@ -417,6 +447,17 @@ pub fn quantize_4bit<T: Element>(
         .zip(absmax.par_chunks_mut(blocks_per_task))
         .for_each(|((inp, out), am)| run(inp, blocksize, out, am));
     Ok(Quantized4bit { packed, absmax })
+}
+
+/// The per-block absmax alone (what [`quantize_4bit`] stores without double quantization), for
+/// computing the double-quantization offset before the codes. Parallel.
+pub fn block_absmaxes<T: Element>(input: &[T], blocksize: usize) -> Vec<f32> {
+    let mut absmax = vec![0f32; num_blocks(input.len(), blocksize)];
+    absmax
+        .par_iter_mut()
+        .zip(input.par_chunks(blocksize))
+        .for_each(|(a, block)| *a = block_absmax(block, block.len() < blocksize));
+    absmax
 }
 
 // ---------------------------------------------------------------------------------------------
