@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
     "quantize": ("ferrotune.quant.command", "quantize a checkpoint to bitsandbytes 4-bit (NF4/FP4)"),
+    "prepare": ("ferrotune.data.prepare", "tokenize, mask and pack JSONL into training shards"),
 }
 
 

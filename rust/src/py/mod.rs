@@ -2,6 +2,7 @@
 //! release the GIL around the real work (which lives in the plain-Rust modules).
 
 mod bpe;
+mod data;
 mod errors;
 mod io;
 mod quant;
@@ -28,5 +29,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     bpe::register(m)?;
     quant::register(m)?;
     merge::register(m)?;
+    data::register(m)?;
     Ok(())
 }
