@@ -403,7 +403,11 @@ def tiny_llama(method: str = "full"):
 
     model = CausalLM(tiny_config())
     model.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
-    if method == "lora":
+    if method == "qlora":
+        from ferrotune.quant.nf4 import quantize_linears
+
+        quantize_linears(model)  # NF4, double quantization, blocks of 64
+    if method in ("lora", "qlora"):
         torch.manual_seed(1)
         model = apply_peft(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
         for p in model.parameters():  # B = 0 at init: start it elsewhere so every tensor moves
@@ -454,7 +458,7 @@ def train_model_steps(model, optimizer, env, batches, params) -> list[float]:
     return losses
 
 
-MODEL_RUNS = (("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora"))
+MODEL_RUNS = (("ddp", "full"), ("fsdp", "full"), ("fsdp", "lora"), ("fsdp", "qlora"))
 
 
 def job_real_model(env: fd.DistEnv, out: str) -> None:
@@ -465,9 +469,14 @@ def job_real_model(env: fd.DistEnv, out: str) -> None:
         losses = train_model_steps(model, optimizer, env, batches, params)
         with open(os.path.join(out, f"{strategy}-{method}.rank{env.rank}.json"), "w") as f:
             json.dump(losses, f)
-        if method == "lora":
+        if method != "full":
             fd.export_adapter(model, os.path.join(out, f"{strategy}-{method}-adapter"), env)
-        fd.export_model(model, os.path.join(out, f"{strategy}-{method}-model"), env)
+        if method != "qlora":
+            fd.export_model(model, os.path.join(out, f"{strategy}-{method}-model"), env)
+        else:  # the 4-bit codes are sharded, not replicated: each rank holds half of them
+            qweight = model.model.layers[0].mlp.up_proj.base_layer.qweight
+            with open(os.path.join(out, f"qweight.rank{env.rank}.json"), "w") as f:
+                json.dump({"local": qweight.to_local().numel(), "full": qweight.numel()}, f)
 
     # A model too big for one device: built on the meta device, sharded, allocated shard by shard,
     # then each rank copies only its shard from the memory-mapped checkpoint exported above.
@@ -483,7 +492,7 @@ def job_real_model(env: fd.DistEnv, out: str) -> None:
     fd.export_model(model, os.path.join(out, "meta-loaded-model"), env)
 
 
-def test_real_model_ddp_fsdp_lora_match_single_process_and_export_whole(tmp_path):
+def test_real_model_ddp_fsdp_lora_qlora_match_single_process_and_export_whole(tmp_path):
     from ferrotune.models import save_model
     from ferrotune.peft import save_adapter
 
@@ -498,18 +507,19 @@ def test_real_model_ddp_fsdp_lora_match_single_process_and_export_whole(tmp_path
         name = f"{strategy}-{method}"
         for rank in (0, 1):
             assert read_json(os.path.join(out, f"{name}.rank{rank}.json")) == pytest.approx(want, rel=1e-5)
-        save_model(model, tmp_path / f"ref-{name}-model")
+        if method != "qlora":
+            save_model(model, tmp_path / f"ref-{name}-model")
+            _assert_close_states(
+                load_file(os.path.join(out, f"{name}-model", "model.safetensors")),
+                load_file(tmp_path / f"ref-{name}-model" / "model.safetensors"),
+            )
         if name == "fsdp-full":
             _assert_close_states(
                 load_file(os.path.join(out, "meta-loaded-model", "model.safetensors")),
                 load_file(os.path.join(out, "fsdp-full-model", "model.safetensors")),
                 atol=0,
             )
-        _assert_close_states(
-            load_file(os.path.join(out, f"{name}-model", "model.safetensors")),
-            load_file(tmp_path / f"ref-{name}-model" / "model.safetensors"),
-        )
-        if method == "lora":
+        if method != "full":
             # The adapter exported under FSDP: PEFT's keys, every tensor whole, the same config.
             save_adapter(model, str(tmp_path / f"ref-{name}-adapter"))
             got = load_file(os.path.join(out, f"{name}-adapter", "adapter_model.safetensors"))
@@ -519,6 +529,9 @@ def test_real_model_ddp_fsdp_lora_match_single_process_and_export_whole(tmp_path
             assert read_json(os.path.join(out, f"{name}-adapter", "adapter_config.json")) == read_json(
                 str(tmp_path / f"ref-{name}-adapter" / "adapter_config.json")
             )
+    for rank in (0, 1):  # QLoRA: 4-bit codes of up_proj (48 x 32 / 2 bytes), half on each rank
+        qweight = read_json(os.path.join(out, f"qweight.rank{rank}.json"))
+        assert qweight["full"] == 48 * 32 // 2 and qweight["local"] * 2 == qweight["full"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -682,3 +695,69 @@ def test_torchrun_ferrotune_train_fsdp_equals_one_process(tmp_path):
     )
     assert (tmp_path / "two" / "final" / "tokenizer.json").exists()
     assert fd.is_sharded_checkpoint(tmp_path / "two" / "checkpoints" / "step-000002")
+
+
+# --------------------------------------------------------------------------------------------------
+# PackedDataset (ferrotune.data): each rank reads its own rows of the prepared shards
+# --------------------------------------------------------------------------------------------------
+
+
+def prepared_folder(path, shard_rows=(7, 6), seq_len=8):
+    """A folder in `ferrotune prepare`'s layout whose row r holds r in every input id."""
+    from ferrotune.io import save_safetensors
+
+    path.mkdir()
+    shards, start = [], 0
+    for k, rows in enumerate(shard_rows):
+        ids = torch.arange(start, start + rows, dtype=torch.int32)[:, None].expand(rows, seq_len).contiguous()
+        tensors = {
+            "input_ids": ids,
+            "labels": ids.clone(),
+            "position_ids": torch.arange(seq_len, dtype=torch.int32).expand(rows, seq_len).contiguous(),
+            "document_ids": torch.zeros(rows, seq_len, dtype=torch.int32),
+        }
+        save_safetensors(tensors, path / f"shard-{k:05d}.safetensors")
+        shards.append({"file": f"shard-{k:05d}.safetensors", "rows": rows})
+        start += rows
+    manifest = {
+        "format": "ferrotune.packed",
+        "format_version": 1,
+        "seq_len": seq_len,
+        "lanes": [""],
+        "shards": shards,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return start
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_packed_dataset_ranks_read_every_row_once(tmp_path, shuffle):
+    from ferrotune.data import PackedDataset, collate
+
+    total = prepared_folder(tmp_path / "prepared")  # 13 rows: not a multiple of 2, 3 or 4
+    for world in (1, 2, 3, 4):
+        ranks = [
+            PackedDataset(tmp_path / "prepared", shuffle=shuffle, seed=1, rank=r, world_size=world)
+            for r in range(world)
+        ]
+        assert len({len(d) for d in ranks}) == 1  # the same number of steps on every rank
+        seen: list[int] = []
+        for d in ranks:
+            for i in range(len(d)):
+                row = d[i]
+                if int(d.global_index(i)) < 0:  # a rank short of rows ends on a padding row
+                    assert (row["labels"] == -100).all() and (row["document_ids"] == -1).all()
+                else:
+                    assert int(row["input_ids"][0]) == d.global_index(i)
+                    seen.append(d.global_index(i))
+        assert sorted(seen) == list(range(total))  # no overlap, no row lost
+
+        # Step s of rank r (b rows each) holds rows s*W*b .. (s+1)*W*b - 1 of the one-process order.
+        one = PackedDataset(tmp_path / "prepared", shuffle=shuffle, seed=1)
+        b = 2
+        for step in range(len(ranks[0]) // b):
+            local = [d.global_index(i) for d in ranks for i in range(step * b, (step + 1) * b)]
+            want = [one.global_index(i) for i in range(step * world * b, min((step + 1) * world * b, total))]
+            assert sorted(x for x in local if x >= 0) == sorted(want)
+        batch = collate([ranks[-1][i] for i in range(len(ranks[-1]))])
+        assert batch["input_ids"].dtype == torch.int64 and batch["document_ids"].dtype == torch.int32

@@ -90,6 +90,7 @@ def quantize_checkpoint_dir(
     skip: list[str] | None = None,
     progress: bool = True,
 ) -> str: ...
+
 # --- merge: adapter merging, combination, extraction, export (rust/src/py/merge.rs) ---
 
 def merge_adapter(

@@ -210,6 +210,27 @@ def holds_quantized_storage(module: nn.Module) -> bool:
     return any(not p.dtype.is_floating_point for p in module.parameters(recurse=False))
 
 
+def quantized_storage_as_parameters(model: nn.Module) -> int:
+    """`NF4Linear` keeps its 4-bit codes and raw statistics in uint8 buffers; FSDP shards only
+    parameters, so those buffers are re-registered as frozen parameters under the same names (the
+    state dict is unchanged; the small constant tables stay buffers). Returns how many moved."""
+    try:
+        from ferrotune.quant.nf4 import NF4Linear
+    except ImportError:  # pragma: no cover  (a build without the quant module)
+        return 0
+    moved = 0
+    for module in model.modules():
+        if not isinstance(module, NF4Linear):
+            continue
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if name in module._non_persistent_buffers_set or buffer is None:
+                continue
+            del module._buffers[name]
+            module.register_parameter(name, nn.Parameter(buffer, requires_grad=False))
+            moved += 1
+    return moved
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model itself under a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -262,12 +283,15 @@ def wrap_model(
     if strategy == "ddp":
         if cpu_offload or shard_group_size:
             raise ConfigError("cpu_offload and fsdp_shard_group_size apply to strategy = 'fsdp' only")
+        # No buffer needs syncing each step (the 4-bit codes are constant): broadcasting them
+        # every forward would move the whole quantized model.
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None
+            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None, broadcast_buffers=False
         )
 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    quantized_storage_as_parameters(model)
     mesh = _device_mesh(env, shard_group_size)
     compute = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     storage = MixedPrecisionPolicy()  # quantized codes and their scales travel untouched
