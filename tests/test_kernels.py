@@ -134,3 +134,16 @@ def test_swiglu_linear_recomputes_the_product_and_matches_reference(dtype, tol, 
     fast = grads_of(swiglu_linear, *inputs)
     ref = grads_of(swiglu_linear_reference, *inputs)
     assert_close_all(fast, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bf16 is a CUDA feature")
+def test_swiglu_linear_under_autocast_matches_reference():
+    g = torch.Generator().manual_seed(6)
+    gate = torch.randn(4, 64, generator=g).to(DEVICE)
+    up = torch.randn(4, 64, generator=g).to(DEVICE)
+    w = (0.1 * torch.randn(32, 64, generator=g)).to(DEVICE)  # fp32 weights, bf16 compute
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = grads_of(swiglu_linear, gate.bfloat16(), up.bfloat16(), w)
+        ref = grads_of(swiglu_linear_reference, gate.bfloat16(), up.bfloat16(), w)
+    assert fast[1][2].dtype == torch.float32
+    assert_close_all(fast, ref, atol=3e-2, rtol=3e-2)

@@ -69,9 +69,12 @@ class _SwiGLU(torch.autograd.Function):
 
 class _SwiGLULinear(torch.autograd.Function):
     """y = linear(silu(g) * u, W, b) keeping only g and u for backward: h = silu(g) * u, the
-    widest activation of the MLP, is recomputed (elementwise, cheap) instead of stored."""
+    widest activation of the MLP, is recomputed (elementwise, cheap) instead of stored. Under
+    autocast, backward runs in the forward's autocast state, so bf16 activations meet fp32
+    weights cast as in forward, and dW comes back in W's dtype."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, gate, up, weight, bias):
         gate, up = gate.contiguous(), up.contiguous()
         h = swiglu(gate, up)  # (..., I)
@@ -80,24 +83,22 @@ class _SwiGLULinear(torch.autograd.Function):
         return F.linear(h, weight, bias)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         gate, up, weight = ctx.saved_tensors
         with torch.no_grad():
             h = swiglu(gate, up)  # recomputed: (..., I)
             dh = dy @ weight  # (..., I)
-            dweight = (
-                dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-                if ctx.needs_input_grad[2]
-                else None
-            )
-            dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+            dy2, h2 = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])  # (N, O), (N, I)
+            dweight = (dy2.t() @ h2).to(weight.dtype) if ctx.needs_input_grad[2] else None
+            dbias = dy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
             if triton_runs_on(gate):
                 dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-                dh = dh.contiguous()
+                dh = dh.to(gate.dtype).contiguous()
                 n = dh.numel()
                 _swiglu_backward[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=_BLOCK)
             else:
-                g32, u32, dh32 = gate.float(), up.float(), dh.float()
+                g32, u32, dh32 = gate.float(), up.float(), dh.float()  # (..., I)
                 sig = torch.sigmoid(g32)
                 dup = (dh32 * g32 * sig).to(up.dtype)
                 dgate = (dh32 * u32 * sig * (1 + g32 * (1 - sig))).to(gate.dtype)
