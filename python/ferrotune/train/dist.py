@@ -498,6 +498,14 @@ def unwrap_for_plain_checkpoint(model: nn.Module) -> nn.Module:
     return unwrap(model)
 
 
+def _checkpoint_options() -> Any:
+    """Checkpoints hold what training changes: the trainable parameters and their optimizer state
+    (a LoRA / QLoRA checkpoint is the adapter; the frozen base comes from the base model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def _tmp_dir(path: str) -> str:
     return path.rstrip("/") + ".partial"
 
@@ -510,7 +518,7 @@ def save_sharded(
     trainer_state: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes a sharded checkpoint folder with torch.distributed.checkpoint: each rank writes its
-    own shards of the model and optimizer state, rank 0 adds `progress.json` (step, data
+    own shards of the trainable parameters and their optimizer state, rank 0 adds `progress.json` (step, data
     position, ... as given, plus the world size). The folder appears under `path` only once complete (written beside it,
     then renamed); a checkpoint already there is replaced. Multi-node runs need `path` on a
     filesystem every node sees."""
@@ -518,12 +526,15 @@ def save_sharded(
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = os.fspath(path)
+    options = _checkpoint_options()
     tmp = _tmp_dir(final)
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(env)
-    model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [])
+    model_state, optim_state = get_state_dict(
+        model, [optimizer] if optimizer is not None else [], options=options
+    )
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         state["optim"] = optim_state
@@ -564,7 +575,8 @@ def load_sharded(
             ) from None
     read_checkpoint_metadata(folder)  # a bad or tampered record fails here, naming the file
     optimizers = [optimizer] if optimizer is not None else []
-    model_state, optim_state = get_state_dict(model, optimizers)
+    options = _checkpoint_options()
+    model_state, optim_state = get_state_dict(model, optimizers, options=options)
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         state["optim"] = optim_state
@@ -574,6 +586,7 @@ def load_sharded(
         optimizers,
         model_state_dict=state["model"],
         optim_state_dict=state.get("optim", {}),
+        options=options,
     )
     return {k: v for k, v in meta.items() if k not in ("world_size", "format")}
 
