@@ -12,9 +12,10 @@ A run goes through these pieces, top to bottom in this file:
 3. `wrap_model()`: DDP replicates the model and all-reduces gradients; FSDP2 (`fully_shard`) shards
    every parameter on dim 0 per decoder block, then the root (embeddings, final norm, lm_head),
    with bf16 compute copies and fp32 gradient reduction (`MixedPrecisionPolicy`) and optionally
-   parameters and optimizer state on the CPU (`CPUOffloadPolicy`). Quantized storage (NF4 codes:
-   uint8 tensors; their fp32 scales) gets its own group per block with no dtype cast, so it is
-   sharded like any weight and all-gathered bit for bit.
+   parameters and optimizer state on the CPU (`CPUOffloadPolicy`). Quantized storage (`NF4Linear`'s
+   uint8 codes and raw-byte statistics, re-registered from buffers to frozen parameters) gets its
+   own group per block with no dtype cast, so it is sharded like any weight and all-gathered bit
+   for bit.
 4. Loss: each rank sums the token losses of its rows and divides by the GLOBAL count of trained
    tokens N (`global_sum`), times W because DDP and FSDP average gradients over ranks:
 
@@ -22,8 +23,9 @@ A run goes through these pieces, top to bottom in this file:
 
    which is the single-process gradient of the mean token loss over the global batch.
 5. Checkpoints: `save_sharded` / `load_sharded` write and read torch.distributed.checkpoint (DCP)
-   folders in which every rank writes its own shards; DCP reshards on load, so a run resumes on any
-   number of ranks, one process included. `gather_full_state_dict` assembles full tensors on rank 0
+   folders in which every rank writes its own shards of the trainable parameters and their
+   optimizer state; DCP reshards on load, so a run resumes on any number of ranks, one process
+   included. `gather_full_state_dict` assembles full tensors on rank 0
    for a Hugging Face or PEFT export; with `trainable_only=True` it gathers just the adapter, whole.
 """
 
