@@ -13,6 +13,8 @@ from ferrotune.kernels import (
     rms_norm,
     rms_norm_reference,
     swiglu,
+    swiglu_linear,
+    swiglu_linear_reference,
     swiglu_reference,
 )
 from ferrotune.kernels._dispatch import cpu_interpreter, triton_runs_on
@@ -118,3 +120,17 @@ def test_linear_cross_entropy_frozen_head_gives_no_weight_grad():
     linear_cross_entropy_reference(ref_h, w, y).backward()
     torch.testing.assert_close(h.grad, ref_h.grad)
     assert w.grad is None
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (LOW, 3e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_linear_recomputes_the_product_and_matches_reference(dtype, tol, bias):
+    g = torch.Generator().manual_seed(5)
+    gate = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
+    up = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
+    w = (0.1 * torch.randn(40, 96, generator=g)).to(DEVICE, dtype)
+    b = torch.randn(40, generator=g).to(DEVICE, dtype) if bias else None
+    inputs = (gate, up, w) if b is None else (gate, up, w, b)
+    fast = grads_of(swiglu_linear, *inputs)
+    ref = grads_of(swiglu_linear_reference, *inputs)
+    assert_close_all(fast, ref, atol=tol, rtol=tol)

@@ -9,7 +9,7 @@ from ferrotune.kernels._dispatch import set_enabled
 from ferrotune.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from ferrotune.kernels.rmsnorm import rms_norm, rms_norm_reference
 from ferrotune.kernels.rope import apply_rope, apply_rope_reference
-from ferrotune.kernels.swiglu import swiglu, swiglu_reference
+from ferrotune.kernels.swiglu import swiglu, swiglu_linear, swiglu_linear_reference, swiglu_reference
 
 __all__ = [
     "apply_rope",
@@ -20,5 +20,7 @@ __all__ = [
     "rms_norm_reference",
     "set_enabled",
     "swiglu",
+    "swiglu_linear",
+    "swiglu_linear_reference",
     "swiglu_reference",
 ]

@@ -47,9 +47,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_tokens = hidden.shape[0]
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_dh else None
-        grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
-        )
+        # dW accumulates across chunks in W's dtype through addmm (fp32 accumulation inside each
+        # GEMM, one rounding per chunk), as a bf16 weight's own gradient would be anyway.
+        grad_weight = torch.zeros_like(weight) if want_dw else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start : start + chunk_size]  # (C, H)
@@ -69,16 +69,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_dh:
                 grad_hidden[start : start + chunk_size] = grad @ weight
             if want_dw:
-                grad_weight += (grad.t() @ h).float()
+                grad_weight.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_out if grad_hidden is not None else None
-        dw = (grad_weight * grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        dw = grad_weight * grad_out if grad_weight is not None else None
         return dh, dw, None, None, None
 
 

@@ -67,6 +67,58 @@ class _SwiGLU(torch.autograd.Function):
         return dg, du
 
 
+class _SwiGLULinear(torch.autograd.Function):
+    """y = linear(silu(g) * u, W, b) keeping only g and u for backward: h = silu(g) * u, the
+    widest activation of the MLP, is recomputed (elementwise, cheap) instead of stored."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        gate, up = gate.contiguous(), up.contiguous()
+        h = swiglu(gate, up)  # (..., I)
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(h, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up, weight = ctx.saved_tensors
+        with torch.no_grad():
+            h = swiglu(gate, up)  # recomputed: (..., I)
+            dh = dy @ weight  # (..., I)
+            dweight = (
+                dy.reshape(-1, dy.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+                if ctx.needs_input_grad[2]
+                else None
+            )
+            dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+            if triton_runs_on(gate):
+                dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+                dh = dh.contiguous()
+                n = dh.numel()
+                _swiglu_backward[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=_BLOCK)
+            else:
+                g32, u32, dh32 = gate.float(), up.float(), dh.float()
+                sig = torch.sigmoid(g32)
+                dup = (dh32 * g32 * sig).to(up.dtype)
+                dgate = (dh32 * u32 * sig * (1 + g32 * (1 - sig))).to(gate.dtype)
+        return dgate, dup, dweight, dbias
+
+
+def swiglu_linear_reference(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return F.linear(swiglu_reference(gate, up), weight, bias)
+
+
+def swiglu_linear(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """down_proj(silu(gate) * up) for a plain linear down projection, without storing the
+    (..., intermediate) product for backward (it is recomputed there). Same values and gradients
+    as `swiglu_linear_reference`."""
+    return _SwiGLULinear.apply(gate, up, weight, bias)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: the fused kernel where it runs, else the reference."""
     if triton_runs_on(gate) and gate.shape == up.shape and gate.dtype == up.dtype:

@@ -382,7 +382,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere.
+        # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere;
+        # either way q and k keep their dtype (under autocast the tables are fp32, q and k bf16).
         q, k = kernels.apply_rope(q, cos[:, 0], sin[:, 0]), kernels.apply_rope(k, cos[:, 0], sin[:, 0])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if kv_cache is not None:
@@ -415,6 +416,10 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu and type(self.down_proj) is nn.Linear and x.is_cuda:
+            # Plain down projection: the fused path that recomputes silu(g) * u in backward.
+            down = self.down_proj
+            return kernels.swiglu_linear(self.gate_proj(x), self.up_proj(x), down.weight, down.bias)
         if self.act is F.silu:
             return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # fused on CUDA
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

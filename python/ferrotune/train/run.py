@@ -101,6 +101,10 @@ def finish(model: CausalLM, config: Config, tokenizer_dir: Path | None) -> Path:
 
 def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     from ferrotune.train import pretrain, sft
+    from ferrotune.train.align_run import ALIGNMENT_TASKS, train_alignment
+
+    if config.task in ALIGNMENT_TASKS:
+        return train_alignment(config, quiet=quiet)
 
     env = dist.setup(config.train)  # torchrun: join the process group, this rank's GPU
     device = env.device if env.distributed else resolve_device(config.train.device)

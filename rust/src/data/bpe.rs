@@ -57,14 +57,44 @@ pub struct FastBpe {
     caches: ThreadLocal<RefCell<WordCache>>,
 }
 
+/// Marks a cache value holding one token id inline.
+const SINGLE: u32 = u32::MAX;
+
 /// One thread's memory of pre-token -> ids, plus scratch space for the merge loop.
 #[derive(Default)]
 struct WordCache {
-    /// Word bytes -> `(start, len)` in `ids`.
+    /// Words of up to 15 bytes, packed with their length into one integer (see `pack_short`):
+    /// hashing and comparing them costs a few instructions, not a `memcmp`. Values as in `words`.
+    short_words: FxHashMap<[u64; 2], (u32, u32)>,
+    /// Longer words -> `(start, len)` in `ids`, or `(id, SINGLE)` for a one-token word.
     words: FxHashMap<Box<[u8]>, (u32, u32)>,
     ids: Vec<u32>,
     scratch: Vec<u32>,
     prefixed: String,
+}
+
+/// A word of at most 15 bytes as one key: its bytes, zero-padded, with the length in the top
+/// byte (so "a" and "a\0" differ). Built from overlapping unaligned loads, without a `memcpy`.
+#[inline(always)]
+fn pack_short(word: &[u8]) -> Option<[u64; 2]> {
+    let n = word.len();
+    let load8 = |at: usize| u64::from_le_bytes(word[at..at + 8].try_into().unwrap_or([0; 8]));
+    let load4 =
+        |at: usize| u32::from_le_bytes(word[at..at + 4].try_into().unwrap_or([0; 4])) as u64;
+    let (lo, hi) = match n {
+        16.. => return None,
+        8 => (load8(0), 0),
+        9..=15 => (load8(0), load8(n - 8) >> (8 * (16 - n))),
+        4..=7 => (load4(0) | (load4(n - 4) << (8 * (n - 4))), 0),
+        _ => {
+            let mut lo = 0u64;
+            for (i, &b) in word.iter().enumerate() {
+                lo |= (b as u64) << (8 * i);
+            }
+            (lo, 0)
+        }
+    };
+    Some([lo, hi | ((n as u64) << 56)])
 }
 
 /// GPT-2's byte -> character map: printable Latin-1 bytes map to themselves, the other 68 bytes
@@ -203,7 +233,8 @@ impl FastBpe {
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
         let cell = self.caches.get_or_default();
         let mut cache = cell.borrow_mut();
-        if cache.words.len() > CACHE_MAX_ENTRIES {
+        if cache.words.len() + cache.short_words.len() > CACHE_MAX_ENTRIES {
+            cache.short_words.clear();
             cache.words.clear();
             cache.ids.clear();
         }
@@ -271,8 +302,17 @@ impl FastBpe {
     /// The model on one pre-token, through the cache.
     #[inline]
     fn encode_word(&self, word: &[u8], cache: &mut WordCache, out: &mut Vec<u32>) {
-        if let Some(&(start, len)) = cache.words.get(word) {
-            out.extend_from_slice(&cache.ids[start as usize..(start + len) as usize]);
+        let short = pack_short(word);
+        let hit = match short {
+            Some(key) => cache.short_words.get(&key),
+            None => cache.words.get(word),
+        };
+        if let Some(&(start, len)) = hit {
+            if len == SINGLE {
+                out.push(start); // one token, stored inline: no second memory access
+            } else {
+                out.extend_from_slice(&cache.ids[start as usize..(start + len) as usize]);
+            }
             return;
         }
         let mut ids = std::mem::take(&mut cache.scratch);
@@ -286,9 +326,17 @@ impl FastBpe {
         }
         out.extend_from_slice(&ids);
         if word.len() < CACHE_MAX_WORD {
-            let start = cache.ids.len() as u32;
-            cache.ids.extend_from_slice(&ids);
-            cache.words.insert(word.into(), (start, ids.len() as u32));
+            let value = if let [id] = ids[..] {
+                (id, SINGLE)
+            } else {
+                let start = cache.ids.len() as u32;
+                cache.ids.extend_from_slice(&ids);
+                (start, ids.len() as u32)
+            };
+            match short {
+                Some(key) => cache.short_words.insert(key, value),
+                None => cache.words.insert(word.into(), value),
+            };
         }
         cache.scratch = ids;
     }

@@ -5,8 +5,8 @@ mod bpe;
 mod data;
 mod errors;
 mod io;
-mod quant;
 mod merge;
+mod quant;
 mod tensor;
 
 use pyo3::prelude::*;
