@@ -643,6 +643,7 @@ init = {{ vocab_size = 320, hidden_size = 32, intermediate_size = 48, num_hidden
 [data]
 train = "{corpus}"
 seq_len = 32
+eval_fraction = 0.25
 [train]
 steps = 3
 batch_size = 2
@@ -693,9 +694,13 @@ def test_torchrun_ferrotune_train_fsdp_equals_one_process(tmp_path):
 
     def losses(run: str) -> list[float]:
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines if "loss" in line]
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
     assert losses("two") == pytest.approx(one.result.losses, rel=1e-5) and len(one.result.losses) == 3
+    evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    two_eval = [r for r in evals if "eval_loss" in r][-1]
+    assert two_eval["eval_loss"] == pytest.approx(one.result.eval["eval_loss"], rel=1e-5)
+    assert two_eval["eval_tokens"] == one.result.eval["eval_tokens"] > 0  # both ranks' rows counted
     _assert_close_states(
         load_file(tmp_path / "two" / "final" / "model.safetensors"),
         load_file(tmp_path / "one" / "final" / "model.safetensors"),
