@@ -26,7 +26,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEER_SCRIPT = os.path.join(HERE, "..", "..", "shared", "bench", "pack_peer.py")
+PEER_SCRIPT = os.environ.get("PACK_PEER", "/work/shared/bench/pack_peer.py")
 
 
 def peak_rss_mb() -> float:

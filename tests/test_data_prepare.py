@@ -287,3 +287,45 @@ def test_cli_prints_progress_and_summary(tok_dir, tmp_path):
         timeout=120,
     )
     assert bad.returncode != 0 and "missing.jsonl" in bad.stderr
+
+
+def test_dataloader_workers_reopen_the_shards(tok_dir, tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": text(i, 20 + i % 30)} for i in range(40)])
+    run_prepare(tok_dir, [src], tmp_path / "out")
+    ds = PackedDataset(tmp_path / "out", seed=5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate, num_workers=2)
+    got = torch.cat([b["input_ids"] for b in loader])
+    want = torch.stack([ds[i]["input_ids"] for i in range(len(ds))]).long()
+    assert torch.equal(got, want)
+
+
+def test_ctrl_c_leaves_nothing_behind(tmp_path):
+    import signal
+    import time
+
+    from tokenizers import models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(300)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    line = json.dumps({"text": " ".join(words * 3)}) + "\n"
+    (tmp_path / "big.jsonl").write_text(line * 40_000)  # ~ 100 MB: many seconds of work
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferrotune", "prepare", str(tmp_path / "big.jsonl"), "--tokenizer",
+         str(tmp_path / "tok"), "--out", str(tmp_path / "out"), "--eos-token", "[UNK]"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # background shells ignore it
+    )  # fmt: skip
+
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "tok"]
