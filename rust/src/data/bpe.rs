@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use thread_local::ThreadLocal;
-use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+use unicode_normalization_alignments::UnicodeNormalization;
 
 use crate::Result;
 use added::{AddedFlags, AddedTokens, Piece};
@@ -71,6 +71,12 @@ struct WordCache {
     ids: Vec<u32>,
     scratch: Vec<u32>,
     prefixed: String,
+}
+
+/// NFC exactly as HF computes it: same crate, same (Unicode 9) tables. Newer Unicode versions
+/// compose and reorder some recently assigned characters differently.
+fn nfc(text: &str) -> String {
+    text.nfc().map(|(c, _)| c).collect()
 }
 
 /// A word of at most 15 bytes as one key: its bytes, zero-padded, with the length in the top
@@ -188,7 +194,7 @@ impl FastBpe {
         for (&id, token) in &by_id {
             if token.normalized {
                 let pattern = if spec.nfc {
-                    token.content.nfc().collect()
+                    nfc(&token.content)
                 } else {
                     token.content.clone()
                 };
@@ -265,10 +271,10 @@ impl FastBpe {
     }
 
     fn normalize<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        if !self.nfc || text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        if !self.nfc || text.is_ascii() {
             Cow::Borrowed(text)
         } else {
-            Cow::Owned(text.nfc().collect())
+            Cow::Owned(nfc(text))
         }
     }
 
