@@ -64,31 +64,68 @@ def train_tokenizer(corpus: Path, folder: Path, vocab_size: int) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+# Passage shapes of the shipped text; SFT fills them with random facts, so an answer can only be
+# read from its passage, never remembered from the island's name.
+PASSAGES = {
+    "export": [
+        "The island of {n} lies in the western sea. Its people trade {export}, and the lighthouse on its cliff is painted {color}.",
+        "{n} is a small island. The main trade of {n} is {export}. The lighthouse of {n} is {color}.",
+        "On {n} the harbour is busy in {season}, when the boats carry {export} to the other islands.",
+    ],
+    "color": [
+        "Sailors know {n} by its {color} lighthouse. The island has {boats} fishing boats and a market where {export} is sold.",
+        "The island of {n} lies in the western sea. Its people trade {export}, and the lighthouse on its cliff is painted {color}.",
+    ],
+    "season": [
+        "If you visit {n}, you will see {animal} on the hills and smell the {export} stored by the quay. The festival of {n} is held in {season}.",
+        "On {n} the harbour is busy in {season}, when the boats carry {export} to the other islands. Children there keep {animal}.",
+    ],
+}
+QUESTIONS = {
+    "export": "What does {n} trade?",
+    "color": "What colour is the lighthouse of {n}?",
+    "season": "When is the festival of {n}?",
+}
+
+
 def instructions(seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """SFT pairs (train, held out). Two skills: reversing a word list (held out: unseen lists), and
-    answering a question about a passage of the shipped text (held out: islands never asked about
-    in training, so the answer must be read from the passage)."""
+    answering a question about a passage (train: passages with random facts; held out: the shipped
+    text's own passages about islands that never appear in training)."""
     rng = random.Random(seed)
     facts = json.loads(data_file("islands.json").read_text())
-    passages = read_texts(data_file("islands.txt"))
-    questions = {
-        "export": "What does {n} trade?",
-        "color": "What colour is the lighthouse of {n}?",
-        "season": "When is the festival of {n}?",
+    values = {
+        key: sorted({f[key] for f in facts.values()}) for key in ("export", "color", "season", "animal")
     }
     names = sorted(facts)
     rng.shuffle(names)
-    held_names = set(names[:6])
-    train_qa, held_qa = [], []
-    for name in names:
-        for key, question in questions.items():
-            for passage in passages:
-                if f"{name} " in passage and f" {facts[name][key]}" in passage:
-                    pair = {
-                        "prompt": f"{passage}\nQuestion: {question.format(n=name)}",
-                        "response": facts[name][key],
-                    }
-                    (held_qa if name in held_names else train_qa).append(pair)
+    held_names, train_names = names[:6], names[6:]
+
+    train_qa = []
+    for _ in range(700):
+        key = rng.choice(list(QUESTIONS))
+        fill = {k: rng.choice(v) for k, v in values.items()}
+        fill.update(n=rng.choice(train_names), boats=rng.randint(3, 40))
+        passage = rng.choice(PASSAGES[key]).format(**fill)
+        train_qa.append(
+            {"prompt": f"{passage}\nQuestion: {QUESTIONS[key].format(**fill)}", "response": fill[key]}
+        )
+    held_qa = []
+    for passage in read_texts(data_file("islands.txt")):
+        for name in held_names:
+            for key, question in QUESTIONS.items():
+                if (
+                    passage.startswith(("The island", "Sailors", "If you", "On ", name))
+                    and f" {facts[name][key]}" in passage
+                    and f"{name} " in passage
+                ):
+                    held_qa.append(
+                        {
+                            "prompt": f"{passage}\nQuestion: {question.format(n=name)}",
+                            "response": facts[name][key],
+                        }
+                    )
+
     reverse: dict[str, str] = {}
     while len(reverse) < 1600:
         words = [rng.choice(WORDS) for _ in range(rng.randint(3, 5))]
@@ -96,7 +133,7 @@ def instructions(seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]
     items = [{"prompt": p, "response": r} for p, r in reverse.items()]
     held_rev, train_rev = items[:40], items[40:]
     rng.shuffle(held_qa)
-    return train_qa * 4 + train_rev, held_rev + held_qa[:30]
+    return train_qa + train_rev, held_rev + held_qa[:30]
 
 
 def exact_match(
@@ -122,7 +159,7 @@ def write_toml(path: Path, text: str) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     parser.add_argument("--pretrain-steps", type=int, default=100)
-    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=500)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (a model this small runs best on one)"
     )
