@@ -69,6 +69,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     device: str = "auto"
     compile: bool = False
+    # Across GPUs / machines under torchrun (ferrotune.train.dist): "ddp" replicates the model,
+    # "fsdp" shards parameters, gradients and optimizer state (FSDP2). batch_size is per GPU.
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    fsdp_cpu_offload: bool = False  # shards, gradients and optimizer state in CPU memory
+    fsdp_shard_group_size: int = (
+        0  # 0: shard over all ranks; k: shard within groups of k, replicate across (HSDP)
+    )
 
 
 @dataclass
@@ -86,16 +93,98 @@ class RunConfig:
     plot: bool = True  # loss-curve PNG when matplotlib is installed
 
 
+# ----------------------------------------------------------------------------------------------
+# Alignment sections (`[method.reward]`, `[method.dpo]`, `[method.ppo]`, `[method.grpo]`); the
+# optimisation itself (steps, lr, batch_size, ...) comes from `[train]` as for every task.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardConfig:
+    """task = "reward": Bradley-Terry reward-model training on preference pairs."""
+
+    use_margin: bool = False  # subtract each pair's "margin" field inside the sigmoid
+    base: str = ""  # "" = start from model.path's decoder; a reward-model folder to continue one
+
+
+@dataclass
+class DPOConfig:
+    """task = "dpo" | "ipo" | "simpo" | "orpo" | "kto" (the task picks the loss). `beta` is DPO's β,
+    IPO's τ, SimPO's β and KTO's β; ORPO weighs its odds-ratio term by `orpo_lambda`."""
+
+    loss_type: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (and SimPO) when > 0
+    simpo_gamma: float = 0.5  # SimPO's target margin γ
+    orpo_lambda: float = 0.1
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    reference_cache: str = ""  # safetensors file of reference log-probs, computed once; "" = live
+
+
+@dataclass
+class PPOConfig:
+    """task = "ppo". One `[train]` step = one rollout of `rollout_batch` prompts followed by
+    `ppo_epochs` passes of `minibatch`-sized updates."""
+
+    rollout_batch: int = 64
+    minibatch: int = 16
+    ppo_epochs: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    value_coef: float = 0.1
+    kl_coef: float = 0.05  # initial β of the per-token KL penalty
+    adaptive_kl: bool = False
+    kl_target: float = 6.0  # sequence KL (nats) the adaptive controller aims at
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    policy_adapter: str = "policy"  # with LoRA: adapter names on the one shared base
+    value_adapter: str | None = "value"  # None: value head on the policy's hidden states
+    reward_model: str = ""  # a reward-model folder (task = "reward" output), or
+    reward_functions: list[str] = field(default_factory=list)  # names or "module:function"
+
+
+@dataclass
+class GRPOConfig:
+    """task = "grpo". One `[train]` step = `prompts_per_iteration` prompts x `group_size` samples,
+    then `grpo_epochs` passes of `minibatch`-sized updates."""
+
+    prompts_per_iteration: int = 16
+    group_size: int = 8
+    minibatch: int = 64
+    grpo_epochs: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    clip_range: float = 0.2
+    beta: float = 0.04  # weight of the k3 KL to the reference; 0 = no reference
+    scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
+    token_level_loss: bool = False  # average over all tokens (DAPO) instead of per sequence
+    reward_functions: list[str] = field(default_factory=lambda: ["arithmetic"])
+    reward_weights: list[float] = field(default_factory=list)  # default: 1 each
+
+
 @dataclass
 class MethodConfig:
     """The fine-tuning method. "full" trains every parameter; PEFT methods add their sections here."""
 
     name: str = "full"
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 @dataclass
 class Config:
-    task: Literal["pretrain", "sft"] = "sft"
+    task: Literal["pretrain", "sft", "reward", "ppo", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"] = "sft"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -18,12 +18,24 @@ pub trait FastEncoder: Send + Sync {
     fn encode(&self, text: &str) -> Vec<u32>;
 }
 
-/// FAST ENCODER HOOK. The one place a faster encoder is plugged in: given the text of
-/// `tokenizer.json`, return an encoder identical to the `tokenizers` crate, or `None` when this
-/// tokenizer type is not supported (the crate is then used for everything).
-/// The lead wires `super::bpe::FastBpe::from_tokenizer_json` in here once the branches merge.
-fn build_fast_encoder(_tokenizer_json: &str) -> Option<Arc<dyn FastEncoder>> {
-    None
+impl FastEncoder for super::bpe::FastBpe {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        super::bpe::FastBpe::encode(self, text)
+    }
+}
+
+/// The one place a faster encoder is plugged in: given the text of `tokenizer.json`, an encoder
+/// identical to the `tokenizers` crate ([`super::bpe::FastBpe`] for the byte-level BPE models),
+/// or `None` when this tokenizer type is not supported exactly (the crate then does everything).
+/// `FERROTUNE_REFERENCE_TOKENIZER=1` forces the crate, to compare the two.
+fn build_fast_encoder(tokenizer_json: &str) -> Option<Arc<dyn FastEncoder>> {
+    if std::env::var_os("FERROTUNE_REFERENCE_TOKENIZER").is_some_and(|v| v != "0") {
+        return None;
+    }
+    match super::bpe::FastBpe::from_tokenizer_json(tokenizer_json) {
+        Ok(Some(fast)) => Some(Arc::new(fast)),
+        _ => None,
+    }
 }
 
 /// Special-token ids the pipeline needs. Any may be absent.
