@@ -81,12 +81,14 @@ def load_tokenizer(config: Config) -> tuple[Any, Path]:
 
 
 def split_eval(rows: Sequence, fraction: float, seed: int) -> tuple[Sequence, Sequence]:
-    """Holds out a random `fraction` of the rows (views, no copies)."""
+    """Holds out a random `fraction` of the rows (lists stay lists; other sequences become views)."""
     if fraction <= 0:
         return rows, []
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, int(len(rows) * fraction))
-    return Subset(rows, order[cut:]), Subset(rows, order[:cut])
+    if isinstance(rows, list):
+        return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+    return Subset(rows, order[cut:]), Subset(rows, order[:cut])  # memory-mapped rows stay views
 
 
 def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> Sequence | None:
@@ -103,7 +105,10 @@ def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> 
     from ferrotune.data.prepare import config_from_args, format_summary, prepare
 
     out = Path(config.run.output_dir) / "prepared" / name
-    if not (out / "manifest.json").exists():  # prepared output is deterministic: reuse on resume
+    # Under torchrun rank 0 prepares while the others wait; prepared output is deterministic, so a
+    # resumed run reuses it.
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (out / "manifest.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
         parser = argparse.ArgumentParser()
         from ferrotune.data import prepare as prepare_module
 
@@ -127,6 +132,8 @@ def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> 
         )
         summary = prepare(config_from_args(args), progress=False)
         print(format_summary(summary), file=sys.stderr)
+    if distributed:
+        torch.distributed.barrier()
     return PackedDataset(out, shuffle=False)
 
 
