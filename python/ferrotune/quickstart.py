@@ -32,6 +32,12 @@ from ferrotune.train.loop import RowBatches, evaluate
 from ferrotune.train.run import train_from_config
 from ferrotune.train.text_data import END, SPECIAL_TOKENS, read_texts, render_prompt, text_rows
 
+# The plain template of ferrotune.train.text_data, as the Jinja chat template HF tools read.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}<|end|>"
+    "{% else %}<|user|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 WORDS = ["salt", "amber", "wool", "figs", "glass", "rope", "honey", "tin", "boat", "sea", "hill", "lamp"]
 
 
@@ -54,36 +60,72 @@ def train_tokenizer(corpus: Path, folder: Path, vocab_size: int) -> None:
     tokenizer.train([str(corpus)], trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": END, "pad_token": "<|pad|>", "bos_token": None}, indent=2) + "\n"
-    )
+    config = {"eos_token": END, "pad_token": "<|pad|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# Passage shapes of the shipped text; SFT fills them with random facts, so an answer can only be
+# read from its passage, never remembered from the island's name.
+PASSAGES = {
+    "export": [
+        "The island of {n} lies in the western sea. Its people trade {export}, and the lighthouse on its cliff is painted {color}.",
+        "{n} is a small island. The main trade of {n} is {export}. The lighthouse of {n} is {color}.",
+        "On {n} the harbour is busy in {season}, when the boats carry {export} to the other islands.",
+    ],
+    "color": [
+        "Sailors know {n} by its {color} lighthouse. The island has {boats} fishing boats and a market where {export} is sold.",
+        "The island of {n} lies in the western sea. Its people trade {export}, and the lighthouse on its cliff is painted {color}.",
+    ],
+    "season": [
+        "If you visit {n}, you will see {animal} on the hills and smell the {export} stored by the quay. The festival of {n} is held in {season}.",
+        "On {n} the harbour is busy in {season}, when the boats carry {export} to the other islands. Children there keep {animal}.",
+    ],
+}
+QUESTIONS = {
+    "export": "What does {n} trade?",
+    "color": "What colour is the lighthouse of {n}?",
+    "season": "When is the festival of {n}?",
+}
 
 
 def instructions(seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """SFT pairs (train, held out). Two skills: reversing a word list (held out: unseen lists), and
-    answering a question about a passage of the shipped text (held out: islands never asked about
-    in training, so the answer must be read from the passage)."""
+    answering a question about a passage (train: passages with random facts; held out: the shipped
+    text's own passages about islands that never appear in training)."""
     rng = random.Random(seed)
     facts = json.loads(data_file("islands.json").read_text())
-    passages = read_texts(data_file("islands.txt"))
-    questions = {
-        "export": ("What does {n} trade?", "{n} trades {export}."),
-        "color": ("What colour is the lighthouse of {n}?", "The lighthouse of {n} is {color}."),
-        "season": ("When is the festival of {n}?", "The festival of {n} is in {season}."),
+    values = {
+        key: sorted({f[key] for f in facts.values()}) for key in ("export", "color", "season", "animal")
     }
     names = sorted(facts)
     rng.shuffle(names)
-    held_names = set(names[:6])
-    train_qa, held_qa = [], []
-    for name in names:
-        for key, (question, answer) in questions.items():
-            for passage in passages:
-                if f"{name} " in passage and f" {facts[name][key]}" in passage:
-                    pair = {
-                        "prompt": f"{passage}\nQuestion: {question.format(n=name)}",
-                        "response": answer.format(n=name, **facts[name]),
-                    }
-                    (held_qa if name in held_names else train_qa).append(pair)
+    held_names, train_names = names[:6], names[6:]
+
+    train_qa = []
+    for _ in range(700):
+        key = rng.choice(list(QUESTIONS))
+        fill = {k: rng.choice(v) for k, v in values.items()}
+        fill.update(n=rng.choice(train_names), boats=rng.randint(3, 40))
+        passage = rng.choice(PASSAGES[key]).format(**fill)
+        train_qa.append(
+            {"prompt": f"{passage}\nQuestion: {QUESTIONS[key].format(**fill)}", "response": fill[key]}
+        )
+    held_qa = []
+    for passage in read_texts(data_file("islands.txt")):
+        for name in held_names:
+            for key, question in QUESTIONS.items():
+                if (
+                    passage.startswith(("The island", "Sailors", "If you", "On ", name))
+                    and f" {facts[name][key]}" in passage
+                    and f"{name} " in passage
+                ):
+                    held_qa.append(
+                        {
+                            "prompt": f"{passage}\nQuestion: {question.format(n=name)}",
+                            "response": facts[name][key],
+                        }
+                    )
+
     reverse: dict[str, str] = {}
     while len(reverse) < 1600:
         words = [rng.choice(WORDS) for _ in range(rng.randint(3, 5))]
@@ -91,7 +133,7 @@ def instructions(seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]
     items = [{"prompt": p, "response": r} for p, r in reverse.items()]
     held_rev, train_rev = items[:40], items[40:]
     rng.shuffle(held_qa)
-    return train_qa * 4 + train_rev, held_rev + held_qa[:30]
+    return train_qa + train_rev, held_rev + held_qa[:30]
 
 
 def exact_match(
@@ -104,6 +146,11 @@ def exact_match(
     return hits / len(pairs), answers
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def write_toml(path: Path, text: str) -> Path:
     path.write_text(text.strip() + "\n")
     return path
@@ -112,7 +159,7 @@ def write_toml(path: Path, text: str) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
     parser.add_argument("--pretrain-steps", type=int, default=100)
-    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-steps", type=int, default=500)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (a model this small runs best on one)"
     )
@@ -133,16 +180,26 @@ def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    pad, eos, end = (tokenizer.token_to_id(t) for t in ("<|pad|>", "<|endoftext|>", END))
+    pad, end = tokenizer.token_to_id("<|pad|>"), tokenizer.token_to_id(END)
 
     texts = read_texts(corpus)
     random.Random(0).shuffle(texts)
     (out / "data").mkdir(exist_ok=True)
-    (out / "data" / "pretrain.txt").write_text("\n\n".join(texts[10:]) + "\n")
-    (out / "data" / "pretrain_eval.txt").write_text("\n\n".join(texts[:10]) + "\n")
+    write_jsonl(out / "data" / "pretrain.jsonl", [{"text": t} for t in texts[10:]])
+    write_jsonl(out / "data" / "pretrain_eval.jsonl", [{"text": t} for t in texts[:10]])
     train_sft, held_sft = instructions(seed=0)
-    with (out / "data" / "sft.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in train_sft)
+    write_jsonl(
+        out / "data" / "sft.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["response"]},
+                ]
+            }
+            for r in train_sft
+        ],
+    )
 
     model_init = {
         "model_type": "llama",
@@ -166,8 +223,8 @@ seed = 0
 init = {json.dumps(model_init).replace('": ', '" = ').replace("{", "{ ").replace("}", " }")}
 tokenizer = "{tokenizer_dir}"
 [data]
-train = "{out / "data" / "pretrain.txt"}"
-eval = "{out / "data" / "pretrain_eval.txt"}"
+train = "{out / "data" / "pretrain.jsonl"}"
+eval = "{out / "data" / "pretrain_eval.jsonl"}"
 seq_len = 128
 [train]
 steps = {args.pretrain_steps}
@@ -187,7 +244,7 @@ log_every = 25
     from ferrotune.train.run import build_model
 
     untrained = build_model(base, torch.device("cpu"))
-    eval_rows = text_rows(read_texts(out / "data" / "pretrain_eval.txt"), tokenizer, 128, eos, pad)
+    eval_rows = text_rows(texts[:10], tokenizer, 128, end, pad)
     before = evaluate(
         untrained, RowBatches(eval_rows, len(eval_rows), shuffle=False).epoch(0), torch.device("cpu"), "fp32"
     )
