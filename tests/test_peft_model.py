@@ -273,3 +273,25 @@ def test_prompt_text_init_uses_the_token_embeddings(checkpoint) -> None:
     )
     prompt = model.prompt_encoders["default"].embedding.weight
     torch.testing.assert_close(prompt, embed[[7, 9, 7, 9, 7]])
+
+
+def test_peft_section_of_a_run_config(checkpoint, tmp_path, capsys) -> None:
+    from ferrotune.config import load_config
+
+    _, folder = checkpoint
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[peft]\nmethod = "dora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }\n'
+    )
+    config = load_config(toml, ["peft.options.dropout=0.1"])
+    model = fp.apply_peft_section(load_model(folder, dtype=torch.float32), config.peft)
+    lora = model.model.layers[0].mlp.down_proj
+    assert lora.is_dora("default") and lora.rank["default"] == 4 and lora.lora_dropout["default"].p == 0.1
+    assert "peft dora: trainable params:" in capsys.readouterr().err
+    none = load_config(None)
+    plain = load_model(folder, dtype=torch.float32)
+    assert fp.apply_peft_section(plain, none.peft) is plain
+    with pytest.raises(ConfigError, match=r"peft\.options\.rank: not an option of 'lora'"):
+        fp.apply_peft_section(plain, load_config(None, ["peft.method=lora", "peft.options.rank=4"]).peft)
+    with pytest.raises(ConfigError, match=r"peft\.method: 'lorra' is not one of"):
+        fp.apply_peft_section(plain, load_config(None, ["peft.method=lorra"]).peft)
