@@ -256,7 +256,8 @@ def test_prefix_and_prompt_adapters_switch_and_disable(checkpoint) -> None:
         with fp.disable_adapter(model):
             torch.testing.assert_close(model(IDS), base)
         fp.set_active(model, ["pro", "lo"])  # virtual tokens combine with weight adapters
-        both = model(IDS)
+        both = model(IDS)  # the prompt's keys/values now go through the LoRA too
+    torch.testing.assert_close(both, model(IDS).detach())  # cached (no grad) == recomputed
     assert all(not torch.allclose(outs[a], outs[b]) for a, b in (("pre", "pro"), ("pro", "lo")))
     assert not torch.allclose(both, outs["pro"])
     fp.set_active(model, ["pre", "pro"])
