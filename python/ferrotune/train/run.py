@@ -1,0 +1,217 @@
+"""`ferrotune train config.toml key=value ...`: builds the model, the data and the loop from a
+config, trains, and writes a checkpoint transformers loads.
+
+    task = "pretrain"   raw text, every token trained (domain-adaptive / continued pretraining)
+    task = "sft"        chat data, assistant tokens trained
+    [method] name = "full" trains every parameter (PEFT methods plug in their own)
+
+The run folder (`run.output_dir`) ends up holding config.json (the resolved config),
+metrics.jsonl, loss.png, checkpoints/step-*/ (when `save_every`) and final/ (the HF checkpoint
+with its tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from ferrotune.config import Config, load_config
+from ferrotune.errors import ConfigError
+from ferrotune.models.llama import CausalLM, LlamaConfig
+from ferrotune.models.load import load_model, save_model
+from ferrotune.train.loop import RowBatches, TrainResult, resolve_device, resolve_precision, train_loop
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class Outcome:
+    result: TrainResult
+    final_dir: Path
+    model: CausalLM
+
+
+def build_model(config: Config, device: torch.device) -> CausalLM:
+    """Loads `model.path`, or builds a random model from `model.init` (HF config keys)."""
+    precision = resolve_precision(config.train.precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if config.model.path:
+        model = load_model(config.model.path, device=device, dtype=dtype)
+    elif config.model.init:
+        torch.manual_seed(config.seed)
+        model = CausalLM(LlamaConfig.from_dict(config.model.init))
+        model.init_weights()
+        model.to(device=device, dtype=dtype)
+    else:
+        raise ConfigError("model.path or model.init: one is required")
+    model.gradient_checkpointing = config.model.gradient_checkpointing
+    model.model.attention_backend = config.model.attention
+    if config.method.name != "full":
+        raise ConfigError(f"method.name: {config.method.name!r} is not available here (full)")
+    if config.train.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    return model
+
+
+def load_tokenizer(config: Config) -> tuple[Any, Path]:
+    from tokenizers import Tokenizer
+
+    source = Path(config.model.tokenizer or config.model.path)
+    file = source / "tokenizer.json" if source.is_dir() else source
+    if not file.exists():
+        raise ConfigError(f"model.tokenizer: no tokenizer.json at {source}")
+    return Tokenizer.from_file(str(file)), file.parent
+
+
+def split_eval(rows: Sequence, fraction: float, seed: int) -> tuple[Sequence, Sequence]:
+    """Holds out a random `fraction` of the rows (views, no copies)."""
+    if fraction <= 0:
+        return rows, []
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, int(len(rows) * fraction))
+    return Subset(rows, order[cut:]), Subset(rows, order[:cut])
+
+
+def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> Sequence | None:
+    """Rows from the shard pipeline: a folder `ferrotune prepare` wrote, or a JSONL file prepared
+    now (Rust: chat template, tokenization, loss mask, best-fit packing) into <run>/prepared/<name>.
+    None for inputs the in-memory path handles (`.txt`, or `data.pipeline = "memory"`)."""
+    from ferrotune.data import PackedDataset
+
+    source = Path(path)
+    if source.is_dir():
+        return PackedDataset(source, shuffle=False)
+    if config.data.pipeline == "memory" or not source.name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    from ferrotune.data.prepare import config_from_args, format_summary, prepare
+
+    out = Path(config.run.output_dir) / "prepared" / name
+    if not (out / "manifest.json").exists():  # prepared output is deterministic: reuse on resume
+        parser = argparse.ArgumentParser()
+        from ferrotune.data import prepare as prepare_module
+
+        prepare_module.add_arguments(parser)
+        args = parser.parse_args(
+            [
+                str(source),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--out",
+                str(out),
+                "--seq-len",
+                str(config.data.seq_len),
+                "--loss",
+                "all" if config.task == "pretrain" else "assistant",
+                "--seed",
+                str(config.seed),
+                "--overwrite",
+                "--quiet",
+            ]
+        )
+        summary = prepare(config_from_args(args), progress=False)
+        print(format_summary(summary), file=sys.stderr)
+    return PackedDataset(out, shuffle=False)
+
+
+def training_rows(
+    config: Config, tokenizer: Any, tokenizer_dir: Path, in_memory: Any
+) -> tuple[Sequence, Sequence]:
+    """(train rows, eval rows): prepared shards when possible, else `in_memory(path)`."""
+    if not config.data.train:
+        raise ConfigError("data.train: required (a prepared folder, a .jsonl or a .txt file)")
+
+    def rows(path: str, name: str) -> Sequence:
+        found = prepared_rows(path, config, tokenizer_dir, name)
+        return found if found is not None else in_memory(path)
+
+    train = rows(config.data.train, "train")
+    if config.data.eval:
+        return train, rows(config.data.eval, "eval")
+    return split_eval(train, config.data.eval_fraction, config.seed)
+
+
+def finish(model: CausalLM, config: Config, tokenizer_dir: Path | None) -> Path:
+    """Saves the trained model (HF layout) with its tokenizer files into <run>/final."""
+    final = Path(config.run.output_dir) / "final"
+    save_model(model, final)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists() and (tokenizer_dir / name).resolve() != (
+                final / name
+            ).resolve():
+                shutil.copyfile(tokenizer_dir / name, final / name)
+    return final
+
+
+def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
+    from ferrotune.train import pretrain, sft
+
+    device = resolve_device(config.train.device)
+    tokenizer, tokenizer_dir = load_tokenizer(config)
+    build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
+    train_rows, eval_rows = build_rows(config, tokenizer, tokenizer_dir)
+    model = build_model(config, device)
+    batches = RowBatches(train_rows, config.train.batch_size, shuffle=config.data.shuffle, seed=config.seed)
+    eval_batches = (
+        RowBatches(eval_rows, min(config.train.batch_size, len(eval_rows)), shuffle=False)
+        if eval_rows
+        else None
+    )
+    if not quiet:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"{config.task}: {n_params / 1e6:.2f}M parameters on {device}, {len(train_rows)} rows of "
+            f"{config.data.seq_len} tokens ({len(eval_rows)} held out), {config.train.steps} steps",
+            file=sys.stderr,
+        )
+    result = train_loop(model, config, batches, eval_batches, device=device, quiet=quiet)
+    final = finish(model, config, tokenizer_dir)
+    summary = {
+        "task": config.task,
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        **result.eval,
+    }
+    (Path(config.run.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return Outcome(result, final, model)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML run configuration (see examples/*.toml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, like train.lr=1e-4")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    outcome = train_from_config(config)
+    result = outcome.result
+    lines = [
+        f"trained {result.steps - result.resumed_from} steps in {result.seconds:.0f}s ({result.tokens:,} tokens)",
+        f"final train loss {result.losses[-1]:.4f}" if result.losses else "",
+        f"eval loss {result.eval['eval_loss']:.4f}, perplexity {result.eval['eval_ppl']:.2f}"
+        if result.eval
+        else "",
+        f"model: {outcome.final_dir}",
+        f"metrics: {Path(config.run.output_dir) / 'metrics.jsonl'}",
+    ]
+    print("\n".join(line for line in lines if line))
+    return 0
