@@ -288,6 +288,25 @@ pub struct Quantized4bit {
     pub absmax: Vec<f32>,
 }
 
+/// A zeroed vector for a large output; on Linux its pages are asked to be huge pages before they
+/// are first touched, so filling it takes hundreds of times fewer page faults.
+pub fn output_vec<T: Copy + Default>(n: usize) -> Vec<T> {
+    let v = vec![T::default(); n];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = n * std::mem::size_of::<T>();
+        if bytes >= 4 * HUGE {
+            let start = (v.as_ptr() as usize).div_ceil(HUGE) * HUGE;
+            let end = (v.as_ptr() as usize + bytes) / HUGE * HUGE;
+            // SAFETY: advice on whole pages inside the vector's own allocation; it changes how
+            // pages are backed, never their contents (still zero).
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v
+}
+
 /// Blocks handed to one rayon task (enough work to amortise scheduling).
 const ELEMENTS_PER_TASK: usize = 1 << 16;
 
@@ -433,7 +452,7 @@ pub fn quantize_4bit<T: Element>(
 ) -> Result<Quantized4bit> {
     check_blocksize(blocksize)?;
     let n = input.len();
-    let mut packed = vec![0u8; n.div_ceil(2)];
+    let mut packed = output_vec::<u8>(n.div_ceil(2));
     let mut absmax = vec![0f32; num_blocks(n, blocksize)];
     let blocks_per_task = (ELEMENTS_PER_TASK / blocksize).max(1);
     let span = blocks_per_task * blocksize;
@@ -664,7 +683,7 @@ pub fn dequantize_4bit<O: OutElement>(
     blocksize: usize,
     quant_type: QuantType,
 ) -> Result<Vec<O>> {
-    let mut out = vec![O::default(); n];
+    let mut out = output_vec::<O>(n);
     dequantize_4bit_into(packed, absmax, blocksize, quant_type, &mut out)?;
     Ok(out)
 }
