@@ -184,8 +184,8 @@ def load_gptq_model(
             checkpoint[keys["qweight"]],
             checkpoint[keys["qzeros"]],
             checkpoint[keys["scales"]],
-            checkpoint[keys["g_idx"]] if keys["g_idx"] in checkpoint else None,
-            checkpoint[keys["bias"]] if keys["bias"] in checkpoint else None,
+            checkpoint.get(keys["g_idx"]),
+            checkpoint.get(keys["bias"]),
             group_size=settings["group_size"],  # type: ignore[arg-type]
             checkpoint_format=settings["checkpoint_format"],  # type: ignore[arg-type]
             compute_dtype=compute_dtype,
