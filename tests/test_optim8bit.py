@@ -62,7 +62,7 @@ def test_follows_fp32_adamw_within_tolerance() -> None:
 
 
 def test_small_parameters_match_fp32_adamw_exactly_enough() -> None:
-    ref_losses, ref, _ = _train(torch.optim.AdamW, steps=5)
-    losses, model, _ = _train(AdamW8bit, steps=5, min_8bit_size=10**9)
+    _, ref, _ = _train(torch.optim.AdamW, steps=5)
+    _, model, _ = _train(AdamW8bit, steps=5, min_8bit_size=10**9)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
