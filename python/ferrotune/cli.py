@@ -12,6 +12,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
     "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
+    "combine": ("ferrotune.combine", "combine LoRA adapters (linear, TIES, DARE, SVD) into one"),
+    "extract": ("ferrotune.extract", "extract a LoRA from a fine-tuned model and its base"),
+    "export": ("ferrotune.export", "export a model to GGUF (F16, BF16, Q8_0) for llama.cpp"),
 }
 
 
