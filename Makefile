@@ -6,6 +6,7 @@ SHELL := /bin/bash
 VENV ?= $(HOME)/.cache/ferrotune/venv
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/ferrotune/target
 PY := $(VENV)/bin/python
+PY_DIRS := $(wildcard python tests bench examples)
 REQS_HASH := $(shell sha256sum requirements-dev.txt | cut -c1-16)
 ENV_STAMP := $(VENV)/.ferrotune-env-$(REQS_HASH)
 export PYO3_PYTHON := $(PY)
@@ -38,8 +39,8 @@ lint: env
 	cargo fmt --all --check
 	cargo clippy --all-targets -q -- -D warnings
 	cargo clippy --all-targets --features python -q -- -D warnings
-	$(VENV)/bin/ruff check python tests bench examples
-	$(VENV)/bin/ruff format --check python tests bench examples
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(PY) -m mypy.stubtest ferrotune._native --allowlist .stubtest-allowlist
 
 rust-test: env

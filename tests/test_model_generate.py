@@ -14,6 +14,16 @@ from ferrotune.models import load_model
 from ferrotune.models.generate import Sampling, generate, next_tokens
 from ferrotune.models.llama import CausalLM, LlamaConfig
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 VOCAB = 53
 
 

@@ -11,6 +11,16 @@ import torch.nn.functional as F
 from ferrotune.models.llama import CausalLM, LlamaConfig, dense_attention_mask
 from torch import nn
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 VOCAB = 61
 
 

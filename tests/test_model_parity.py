@@ -12,6 +12,16 @@ import transformers
 from ferrotune.errors import ConfigError, FormatError
 from ferrotune.models import load_model, read_config, save_model
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = dict(
     vocab_size=97,
     hidden_size=64,

@@ -10,11 +10,18 @@ import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("ferrotune.data.prepare", "tokenize, mask and pack JSONL into training shards"),
+    "train": ("ferrotune.train.run", "train from a TOML config: pretrain or sft, full fine-tuning"),
     "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
+    "quickstart": (
+        "ferrotune.quickstart",
+        "tokenizer + tiny model, pretraining, SFT, eval: the whole job on a CPU",
+    ),
     "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
     "combine": ("ferrotune.combine", "combine LoRA adapters (linear, TIES, DARE, SVD) into one"),
     "extract": ("ferrotune.extract", "extract a LoRA from a fine-tuned model and its base"),
     "export": ("ferrotune.export", "export a model to GGUF (F16, BF16, Q8_0) for llama.cpp"),
+    "quantize": ("ferrotune.quant.command", "quantize a checkpoint to bitsandbytes 4-bit (NF4/FP4)"),
 }
 
 

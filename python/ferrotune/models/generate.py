@@ -217,6 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument(
+        "--chat", action="store_true", help="wrap each prompt in the plain chat template of ferrotune SFT"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         print("no prompt given", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    if args.chat:
+        from ferrotune.train.text_data import render_prompt
+
+        prompts = [render_prompt(p) for p in prompts]
     outputs = generate_text(
         args.model,
         prompts,

@@ -1,0 +1,329 @@
+"""Run configuration: typed dataclasses, loaded from TOML and overridden by `a.b=c` arguments.
+
+    ferrotune train run.toml train.lr=1e-4 model.gradient_checkpointing=true
+
+Every key is checked against the dataclass that owns it: an unknown key, a value of the wrong
+type or one outside its allowed set raises `ConfigError` naming the full dotted key (and, for a
+misspelling, the nearest valid key). Override values are parsed as TOML values (`3`, `1e-4`,
+`true`, `"text"`, `[1, 2]`); a bare word that is not valid TOML is taken as a string.
+
+A section belongs to one dataclass; methods (PEFT, preference training) add their own section
+dataclasses as fields of `MethodConfig`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from ferrotune.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """The network: an HF checkpoint folder, or (`path` empty) a fresh random model whose shape is
+    given in `init` with HF config.json keys (for pretraining from scratch)."""
+
+    path: str = ""
+    init: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
+    gradient_checkpointing: bool = False
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Training data. `train` / `eval`: a prepared folder (`ferrotune prepare`), or for small runs a
+    JSONL file (`text` field for pretraining; `messages` or `prompt`/`response` for SFT) that is
+    tokenised and packed in memory."""
+
+    train: str = ""
+    eval: str = ""
+    seq_len: int = 512
+    eval_fraction: float = 0.0  # held out from `train` when `eval` is empty
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. The optimizer sees `batch_size * grad_accum` rows per step."""
+
+    steps: int = 100
+    batch_size: int = 8  # rows per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0: no clipping
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    device: str = "auto"
+    compile: bool = False
+    # Across GPUs / machines under torchrun (ferrotune.train.dist): "ddp" replicates the model,
+    # "fsdp" shards parameters, gradients and optimizer state (FSDP2). batch_size is per GPU.
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    fsdp_cpu_offload: bool = False  # shards, gradients and optimizer state in CPU memory
+    fsdp_shard_group_size: int = (
+        0  # 0: shard over all ranks; k: shard within groups of k, replicate across (HSDP)
+    )
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes and how often."""
+
+    output_dir: str = "runs/ferrotune"
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 0  # 0: the whole eval set
+    save_every: int = 0  # 0: only the final model
+    keep_checkpoints: int = 2
+    resume: bool = False
+    tensorboard: bool = True  # when the tensorboard package is installed
+    plot: bool = True  # loss-curve PNG when matplotlib is installed
+
+
+# ----------------------------------------------------------------------------------------------
+# Alignment sections (`[method.reward]`, `[method.dpo]`, `[method.ppo]`, `[method.grpo]`); the
+# optimisation itself (steps, lr, batch_size, ...) comes from `[train]` as for every task.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardConfig:
+    """task = "reward": Bradley-Terry reward-model training on preference pairs."""
+
+    use_margin: bool = False  # subtract each pair's "margin" field inside the sigmoid
+    base: str = ""  # "" = start from model.path's decoder; a reward-model folder to continue one
+
+
+@dataclass
+class DPOConfig:
+    """task = "dpo" | "ipo" | "simpo" | "orpo" | "kto" (the task picks the loss). `beta` is DPO's β,
+    IPO's τ, SimPO's β and KTO's β; ORPO weighs its odds-ratio term by `orpo_lambda`."""
+
+    loss_type: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (and SimPO) when > 0
+    simpo_gamma: float = 0.5  # SimPO's target margin γ
+    orpo_lambda: float = 0.1
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    reference_cache: str = ""  # safetensors file of reference log-probs, computed once; "" = live
+
+
+@dataclass
+class PPOConfig:
+    """task = "ppo". One `[train]` step = one rollout of `rollout_batch` prompts followed by
+    `ppo_epochs` passes of `minibatch`-sized updates."""
+
+    rollout_batch: int = 64
+    minibatch: int = 16
+    ppo_epochs: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    value_coef: float = 0.1
+    kl_coef: float = 0.05  # initial β of the per-token KL penalty
+    adaptive_kl: bool = False
+    kl_target: float = 6.0  # sequence KL (nats) the adaptive controller aims at
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    policy_adapter: str = "policy"  # with LoRA: adapter names on the one shared base
+    value_adapter: str | None = "value"  # None: value head on the policy's hidden states
+    reward_model: str = ""  # a reward-model folder (task = "reward" output), or
+    reward_functions: list[str] = field(default_factory=list)  # names or "module:function"
+
+
+@dataclass
+class GRPOConfig:
+    """task = "grpo". One `[train]` step = `prompts_per_iteration` prompts x `group_size` samples,
+    then `grpo_epochs` passes of `minibatch`-sized updates."""
+
+    prompts_per_iteration: int = 16
+    group_size: int = 8
+    minibatch: int = 64
+    grpo_epochs: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    clip_range: float = 0.2
+    beta: float = 0.04  # weight of the k3 KL to the reference; 0 = no reference
+    scale_rewards: bool = True  # divide advantages by the group std (False: Dr. GRPO)
+    token_level_loss: bool = False  # average over all tokens (DAPO) instead of per sequence
+    reward_functions: list[str] = field(default_factory=lambda: ["arithmetic"])
+    reward_weights: list[float] = field(default_factory=list)  # default: 1 each
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method. "full" trains every parameter; PEFT methods add their sections here."""
+
+    name: str = "full"
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+@dataclass
+class Config:
+    task: Literal["pretrain", "sft", "reward", "ppo", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"] = "sft"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from dicts, with errors that name the key
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`, converting int -> float where a float is due."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")  # type: ignore[arg-type]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Builds dataclass `cls` from `data`; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    values = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            values[f.name] = _convert(data[f.name], hints[f.name], prefix + f.name)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{f.name}: required")
+    return cls(**values)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain dicts and lists (for saving with the run)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 0.0001). Values are TOML; bare words are strings."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value, like train.lr=1e-4")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a table")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type[T] = Config) -> T:  # type: ignore[assignment]
+    """Reads a TOML file (or none: defaults), applies `a.b=c` overrides, and validates."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such config file") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{file}: {err}") from None
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None

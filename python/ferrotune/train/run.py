@@ -1,0 +1,180 @@
+"""`ferrotune train config.toml key=value ...`: builds the model, the data and the loop from a
+config, trains, and writes a checkpoint transformers loads.
+
+    task = "pretrain"   raw text, every token trained (domain-adaptive / continued pretraining)
+    task = "sft"        chat data, assistant tokens trained
+    [method] name = "full" trains every parameter (PEFT methods plug in their own)
+
+The run folder (`run.output_dir`) ends up holding config.json (the resolved config),
+metrics.jsonl, loss.png, checkpoints/step-*/ (when `save_every`) and final/ (the HF checkpoint
+with its tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ferrotune.config import Config, load_config
+from ferrotune.errors import ConfigError
+from ferrotune.models.llama import CausalLM, LlamaConfig
+from ferrotune.models.load import load_model, save_model
+from ferrotune.train import dist
+from ferrotune.train.loop import RowBatches, TrainResult, resolve_device, resolve_precision, train_loop
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class Outcome:
+    result: TrainResult
+    final_dir: Path
+    model: CausalLM
+    rank: int = 0  # under torchrun only rank 0 reports
+
+
+def build_model(config: Config, device: torch.device) -> CausalLM:
+    """Loads `model.path`, or builds a random model from `model.init` (HF config keys)."""
+    precision = resolve_precision(config.train.precision, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if config.model.path:
+        model = load_model(config.model.path, device=device, dtype=dtype)
+    elif config.model.init:
+        torch.manual_seed(config.seed)
+        model = CausalLM(LlamaConfig.from_dict(config.model.init))
+        model.init_weights()
+        model.to(device=device, dtype=dtype)
+    else:
+        raise ConfigError("model.path or model.init: one is required")
+    model.gradient_checkpointing = config.model.gradient_checkpointing
+    model.model.attention_backend = config.model.attention
+    if config.method.name != "full":
+        raise ConfigError(f"method.name: {config.method.name!r} is not available here (full)")
+    if config.train.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    return model
+
+
+def load_tokenizer(config: Config) -> tuple[Any, Path]:
+    from tokenizers import Tokenizer
+
+    source = Path(config.model.tokenizer or config.model.path)
+    file = source / "tokenizer.json" if source.is_dir() else source
+    if not file.exists():
+        raise ConfigError(f"model.tokenizer: no tokenizer.json at {source}")
+    return Tokenizer.from_file(str(file)), file.parent
+
+
+def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return rows, []
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, int(len(rows) * fraction))
+    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+
+
+def finish(model: CausalLM, config: Config, tokenizer_dir: Path | None) -> Path:
+    """Saves the trained model (HF layout) with its tokenizer files into <run>/final."""
+    final = Path(config.run.output_dir) / "final"
+    save_model(model, final)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists() and (tokenizer_dir / name).resolve() != (
+                final / name
+            ).resolve():
+                shutil.copyfile(tokenizer_dir / name, final / name)
+    return final
+
+
+def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
+    from ferrotune.train import pretrain, sft
+    from ferrotune.train.align_run import ALIGNMENT_TASKS, train_alignment
+
+    if config.task in ALIGNMENT_TASKS:
+        return train_alignment(config, quiet=quiet)
+
+    env = dist.setup(config.train)  # torchrun: join the process group, this rank's GPU
+    device = env.device if env.distributed else resolve_device(config.train.device)
+    quiet = quiet or not env.is_main
+    tokenizer, tokenizer_dir = load_tokenizer(config)
+    build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
+    train_rows, eval_rows = build_rows(config, tokenizer)
+    model = build_model(config, device)
+    split = {"rank": env.rank, "world_size": env.world_size}  # each rank reads its rows
+    batches = RowBatches(
+        train_rows, config.train.batch_size, shuffle=config.data.shuffle, seed=config.seed, **split
+    )
+    eval_batches = (
+        RowBatches(
+            eval_rows, min(config.train.batch_size, len(eval_rows) // env.world_size), shuffle=False, **split
+        )
+        if len(eval_rows) >= env.world_size
+        else None
+    )
+    if not quiet:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"{config.task}: {n_params / 1e6:.2f}M parameters on {device}, {len(train_rows)} rows of "
+            f"{config.data.seq_len} tokens ({len(eval_rows)} held out), {config.train.steps} steps",
+            file=sys.stderr,
+        )
+    result = train_loop(model, config, batches, eval_batches, device=device, quiet=quiet, env=env)
+    if env.distributed:  # the shards gathered on rank 0, which writes the checkpoint
+        final = Path(config.run.output_dir) / "final"
+        with dist.full_model_on_main(result.model, env) as full:
+            if full is not None:
+                finish(full, config, tokenizer_dir)
+        dist.shutdown(env)
+        if not env.is_main:
+            return Outcome(result, final, model, env.rank)
+    else:
+        final = finish(model, config, tokenizer_dir)
+    summary = {
+        "task": config.task,
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        **result.eval,
+    }
+    (Path(config.run.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return Outcome(result, final, model)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML run configuration (see examples/*.toml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, like train.lr=1e-4")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    outcome = train_from_config(config)
+    if outcome.rank != 0:
+        return 0
+    result = outcome.result
+    lines = [
+        f"trained {result.steps - result.resumed_from} steps in {result.seconds:.0f}s ({result.tokens:,} tokens)",
+        f"final train loss {result.losses[-1]:.4f}" if result.losses else "",
+        f"eval loss {result.eval['eval_loss']:.4f}, perplexity {result.eval['eval_ppl']:.2f}"
+        if result.eval
+        else "",
+        f"model: {outcome.final_dir}",
+        f"metrics: {Path(config.run.output_dir) / 'metrics.jsonl'}",
+    ]
+    print("\n".join(line for line in lines if line))
+    return 0

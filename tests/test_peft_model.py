@@ -1,0 +1,275 @@
+"""PEFT methods on our Llama model, against HF PEFT over the transformers model (test-only
+oracles): an adapter trained here loads in PEFT with the same logits and a PEFT adapter loads here
+with the same logits, for LoRA, rsLoRA, DoRA, IA3, prefix tuning and prompt tuning. Also: packed
+rows, KV-cache generation and gradient checkpointing for every method; bottleneck adapters."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import ferrotune.peft as fp
+import pytest
+import torch
+import transformers
+from ferrotune.errors import ConfigError
+from ferrotune.models import load_model
+from ferrotune.models.generate import generate
+from ferrotune.peft.adapter import BottleneckAdapter
+
+peft = pytest.importorskip("peft")
+warnings.filterwarnings("ignore", module="peft")
+
+VOCAB = 53
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny Llama saved by transformers (non-trivial norms), and the folder."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    hf.save_pretrained(folder)
+    return hf.eval(), folder
+
+
+def randomize(model: torch.nn.Module, seed: int = 1, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+
+# method -> (our config, PEFT's LoRA options, leading virtual positions in PEFT's logits)
+METHODS = {
+    "lora": (fp.LoraConfig(r=4, alpha=8, target_modules=ALL), dict(r=4, lora_alpha=8, target_modules=ALL), 0),
+    "rslora": (
+        fp.LoraConfig(r=4, alpha=8, target_modules=ALL, use_rslora=True),
+        dict(r=4, lora_alpha=8, target_modules=ALL, use_rslora=True),
+        0,
+    ),
+    "dora": (
+        fp.LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True),
+        dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
+        0,
+    ),
+    "ia3": (fp.IA3Config(), dict(), 0),
+    "prefix": (fp.PrefixConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16), {}, 0),
+    "p_tuning_v2": (fp.PrefixConfig(num_virtual_tokens=5), {}, 0),
+    "prompt": (fp.PromptConfig(num_virtual_tokens=5), {}, 5),
+}
+
+
+def peft_config(method: str):  # type: ignore[no-untyped-def]
+    kw = METHODS[method][1]
+    if method in ("lora", "rslora", "dora"):
+        return peft.LoraConfig(task_type="CAUSAL_LM", **kw)
+    if method == "ia3":
+        return peft.IA3Config(task_type="CAUSAL_LM")
+    if method == "prefix":
+        return peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16
+        )
+    if method == "p_tuning_v2":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+
+
+def peft_logits(model, ids: torch.Tensor, p: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(input_ids=ids).logits[:, p:]  # prompt tuning returns the virtual positions too
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ours_loads_in_peft_with_the_same_logits(method: str, checkpoint, tmp_path) -> None:
+    hf, folder = checkpoint
+    ours_cfg, _, p = METHODS[method]
+    ours = fp.apply_peft(load_model(folder, dtype=torch.float32), copy.deepcopy(ours_cfg))
+    randomize(ours)
+    ours.eval()
+    fp.save_adapter(ours, str(tmp_path / "a"))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        out = ours(IDS)
+        with fp.disable_adapter(ours):
+            plain = ours(IDS)
+    assert (out - plain).abs().max() > 1e-2  # the adapter really changes the logits
+    torch.testing.assert_close(out, peft_logits(theirs, IDS, p), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_peft_adapter_loads_here_with_the_same_logits(method: str, checkpoint, tmp_path) -> None:
+    hf, folder = checkpoint
+    p = METHODS[method][2]
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(hf), peft_config(method))
+    randomize(theirs, seed=2)
+    theirs.eval()
+    theirs.save_pretrained(str(tmp_path / "p"))
+    ours = fp.load_adapter(load_model(folder, dtype=torch.float32), str(tmp_path / "p")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), peft_logits(theirs, IDS, p), rtol=1e-4, atol=1e-5)
+
+
+def packed_row(docs: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    ids = torch.zeros(1, length, dtype=torch.long)
+    positions = torch.zeros(1, length, dtype=torch.long)
+    documents = torch.full((1, length), -1, dtype=torch.int32)
+    start = 0
+    for d, doc in enumerate(docs):
+        ids[0, start : start + len(doc)] = doc
+        positions[0, start : start + len(doc)] = torch.arange(len(doc))
+        documents[0, start : start + len(doc)] = d
+        start += len(doc)
+    return {"input_ids": ids, "position_ids": positions, "document_ids": documents}
+
+
+ALL_METHODS = {
+    **{k: v[0] for k, v in METHODS.items()},
+    "p_tuning_mlp": fp.PromptConfig(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=16),
+    "p_tuning_lstm": fp.PromptConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=16),
+    "houlsby": fp.BottleneckConfig(bottleneck_size=8, placement="houlsby"),
+    "pfeiffer": fp.BottleneckConfig(bottleneck_size=8, placement="pfeiffer"),
+}
+
+
+@pytest.mark.parametrize("method", list(ALL_METHODS))
+def test_packed_rows_equal_documents_alone(method: str, checkpoint) -> None:
+    _, folder = checkpoint
+    model = fp.apply_peft(load_model(folder, dtype=torch.float32), copy.deepcopy(ALL_METHODS[method]))
+    randomize(model)
+    model.eval()
+    g = torch.Generator().manual_seed(9)
+    docs = [torch.randint(0, VOCAB, (n,), generator=g) for n in (5, 7, 4)]
+    with torch.no_grad():
+        packed = model(**packed_row(docs, 18))
+        start = 0
+        for doc in docs:
+            alone = model(doc[None])
+            torch.testing.assert_close(packed[0, start : start + len(doc)], alone[0], rtol=1e-4, atol=1e-5)
+            start += len(doc)
+
+
+@pytest.mark.parametrize("method", list(ALL_METHODS))
+def test_kv_cache_generation_equals_recomputation(method: str, checkpoint) -> None:
+    _, folder = checkpoint
+    model = fp.apply_peft(load_model(folder, dtype=torch.float32), copy.deepcopy(ALL_METHODS[method]))
+    randomize(model)
+    prompts = [[3, 5, 7, 9, 11], [4, 6]]
+    with torch.no_grad():
+        cached = generate(model, prompts, max_new_tokens=6, use_cache=True)
+        recomputed = generate(model, prompts, max_new_tokens=6, use_cache=False)
+        # and the first token is what a plain forward of the prompt predicts
+        first = model(torch.tensor([prompts[0]]))[0, -1].argmax().item()
+    assert cached == recomputed
+    assert cached[0][0] == first
+
+
+@pytest.mark.parametrize("method", list(ALL_METHODS))
+def test_gradient_checkpointing_gives_the_same_gradients(method: str, checkpoint) -> None:
+    _, folder = checkpoint
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = fp.apply_peft(load_model(folder, dtype=torch.float32), copy.deepcopy(ALL_METHODS[method]))
+        randomize(model)
+        model.gradient_checkpointing = checkpointing
+        model.train()
+        batch = packed_row([IDS[0, :6], IDS[1, :9]], 16)
+        model(**batch).float().square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert grad is not None and grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_only_adapter_parameters_train(checkpoint) -> None:
+    _, folder = checkpoint
+    for method, config in ALL_METHODS.items():
+        model = fp.apply_peft(load_model(folder, dtype=torch.float32), copy.deepcopy(config))
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert names, method
+        for n in names:
+            assert any(k in n for k in ("lora_", "ia3_l", "prompt_encoders", "_adapter.")), (method, n)
+        report = fp.trainable_parameters(model)
+        assert 0 < report.percent < 50, (method, str(report))  # a tiny model: large shares
+
+
+def test_bottleneck_placement_zero_start_and_roundtrip(checkpoint, tmp_path) -> None:
+    _, folder = checkpoint
+    base = load_model(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = base(IDS)
+    houlsby = fp.apply_peft(copy.deepcopy(base), fp.BottleneckConfig(bottleneck_size=8, activation="gelu"))
+    layer = houlsby.model.layers[0]
+    assert isinstance(layer.attn_adapter, BottleneckAdapter) and isinstance(
+        layer.mlp_adapter, BottleneckAdapter
+    )
+    pfeiffer = fp.apply_peft(
+        copy.deepcopy(base), fp.BottleneckConfig(bottleneck_size=8, placement="pfeiffer")
+    )
+    assert pfeiffer.model.layers[0].attn_adapter is None
+    assert isinstance(pfeiffer.model.layers[1].mlp_adapter, BottleneckAdapter)
+    with torch.no_grad():
+        torch.testing.assert_close(houlsby(IDS), expected)  # zero-initialised up-projection
+    randomize(houlsby)
+    keys = fp.adapter_state_dict(houlsby)
+    assert "base_model.model.model.layers.1.attn_adapter.down.weight" in keys
+    assert keys["base_model.model.model.layers.0.mlp_adapter.up.bias"].shape == (32,)
+    fp.save_adapter(houlsby, str(tmp_path / "b"))
+    again = fp.load_adapter(copy.deepcopy(base), str(tmp_path / "b"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS), houlsby(IDS))
+
+
+def test_prefix_and_prompt_adapters_switch_and_disable(checkpoint) -> None:
+    _, folder = checkpoint
+    model = load_model(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base = model(IDS)
+    model = fp.apply_peft(model, fp.PrefixConfig(num_virtual_tokens=3), "pre")
+    model = fp.apply_peft(model, fp.PromptConfig(num_virtual_tokens=4, init="vocab"), "pro")
+    model = fp.apply_peft(model, fp.LoraConfig(r=2, alpha=4), "lo")
+    randomize(model)
+    outs = {}
+    with torch.no_grad():
+        for name in ("pre", "pro", "lo"):
+            fp.set_active(model, name)
+            outs[name] = model(IDS)
+        with fp.disable_adapter(model):
+            torch.testing.assert_close(model(IDS), base)
+        fp.set_active(model, ["pro", "lo"])  # virtual tokens combine with weight adapters
+        both = model(IDS)
+    assert all(not torch.allclose(outs[a], outs[b]) for a, b in (("pre", "pro"), ("pro", "lo")))
+    assert not torch.allclose(both, outs["pro"])
+    fp.set_active(model, ["pre", "pro"])
+    with pytest.raises(ConfigError, match="switched, not combined"), torch.no_grad():
+        model(IDS)
+
+
+def test_prompt_text_init_uses_the_token_embeddings(checkpoint) -> None:
+    _, folder = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    model = fp.apply_peft(
+        model, fp.PromptConfig(num_virtual_tokens=5, init="text", init_text="ab"), tokenizer=lambda t: [7, 9]
+    )
+    prompt = model.prompt_encoders["default"].embedding.weight
+    torch.testing.assert_close(prompt, embed[[7, 9, 7, 9, 7]])
