@@ -25,6 +25,7 @@ activations alone moves bf16 logits by a few percent of the adapter's effect).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ferrotune import _native
-from ferrotune.io import load_checkpoint
+from ferrotune.io import load_checkpoint, to_torch
 from ferrotune.models.llama import AttentionMask, CausalLM, rope_inverse_frequencies
 from ferrotune.models.load import read_config
 
@@ -130,10 +131,19 @@ def probe_inputs(vocab_size: int, inputs: int = 2, tokens: int = 8, seed: int = 
     return torch.randint(0, vocab_size, (inputs, tokens), generator=generator)
 
 
+def _is_4bit(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
 def _weights(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors under `prefix` (names relative to it) as views of the mapped file. The
-    checkpoint is opened per call, so its pages leave the resident set with the views."""
-    checkpoint = load_checkpoint(_checkpoint_path(folder))
+    """The tensors under `prefix` (names relative to it) as views of the mapped file; 4-bit
+    weights dequantized to their 16-bit dtype, as the forward pass of a 4-bit model sees them.
+    The checkpoint is opened per call, so its pages leave the resident set with the views."""
+    path = _checkpoint_path(folder)
+    if _is_4bit(folder):
+        return {name[len(prefix) :]: to_torch(t) for name, t in _native.read_dequantized(path, prefix)}
+    checkpoint = load_checkpoint(path)
     return {name[len(prefix) :]: checkpoint[name] for name in checkpoint if name.startswith(prefix)}
 
 
@@ -161,6 +171,7 @@ def _probe(
     base: Path, adapter: Path, merged: Path, inputs: int, tokens: int, threshold: float, seed: int
 ) -> ProbeReport:
     config = read_config(merged)
+    config.extra.pop("quantization_config", None)
     description = _native.read_adapter(adapter)
     adapter_weights = load_checkpoint(adapter / "adapter_model.safetensors")
     replaced = {name: adapter_weights[key] for name, key in description["replacements"].items()}

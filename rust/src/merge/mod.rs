@@ -8,6 +8,7 @@ pub mod convert;
 pub mod extract;
 pub mod gguf;
 pub mod lora;
+pub mod quantized;
 pub mod stream;
 pub mod svd;
 

@@ -7,10 +7,13 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::run_detached;
+use super::tensor::{NativeTensor, Storage};
+use crate::io::Checkpoint;
 use crate::merge::adapter::{Adapter, Layout};
 use crate::merge::combine::{combine_adapters as combine_native, CombineOptions, MajoritySign};
 use crate::merge::extract::{extract_adapter as extract_native, ExtractOptions};
 use crate::merge::gguf::{export_gguf as export_gguf_native, GgufType};
+use crate::merge::quantized::{dequantize_weight, is_aux, quant_state};
 use crate::merge::{
     merge_adapter as merge_adapter_native, MergeOptions, MergeSummary, TargetModules,
 };
@@ -182,7 +185,7 @@ fn read_adapter<'py>(py: Python<'py>, adapter: PathBuf) -> PyResult<Bound<'py, P
 /// Merges the PEFT LoRA adapter folder `adapter` into the Hugging Face model `base` (folder,
 /// index or file), writing a complete model folder `out`. Returns a summary dict.
 #[pyfunction]
-#[pyo3(signature = (base, adapter, out, *, overwrite=false, progress=false))]
+#[pyo3(signature = (base, adapter, out, *, overwrite=false, progress=false, requantize=false))]
 fn merge_adapter<'py>(
     py: Python<'py>,
     base: PathBuf,
@@ -190,15 +193,60 @@ fn merge_adapter<'py>(
     out: PathBuf,
     overwrite: bool,
     progress: bool,
+    requantize: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = MergeOptions {
         overwrite,
         progress,
+        requantize,
     };
     let s = run_detached(py, move || {
         merge_adapter_native(&base, &adapter, &out, &options)
     })?;
     merge_summary(py, &s)
+}
+
+/// The tensors of the checkpoint at `path` whose names start with `prefix`, 4-bit weights
+/// dequantized to their 16-bit dtype (their statistics left out), the others as zero-copy views.
+#[pyfunction]
+fn read_dequantized(
+    py: Python<'_>,
+    path: PathBuf,
+    prefix: String,
+) -> PyResult<Vec<(String, NativeTensor)>> {
+    let checkpoint = run_detached(py, move || Checkpoint::open(&path))?;
+    let checkpoint = std::sync::Arc::new(checkpoint);
+    let names: Vec<String> = checkpoint
+        .names()
+        .iter()
+        .filter(|n| n.starts_with(&prefix) && !is_aux(n))
+        .cloned()
+        .collect();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let ck = checkpoint.clone();
+        let key = name.clone();
+        let dequantized = run_detached(py, move || match quant_state(&ck, &key)? {
+            Some(state) => Ok(Some((dequantize_weight(&ck, &key, &state)?, state))),
+            None => Ok(None),
+        })?;
+        let tensor = match dequantized {
+            Some((bytes, state)) => NativeTensor::from_vec(bytes, state.dtype, state.shape),
+            None => {
+                let (file, t) = checkpoint.get(&name).expect("listed");
+                let storage: std::sync::Arc<dyn Storage> = file.mmap().clone();
+                NativeTensor::view(
+                    storage,
+                    file.data_start() + t.begin,
+                    t.end - t.begin,
+                    t.dtype,
+                    t.shape.clone(),
+                )
+            }
+        };
+        out.push((name, tensor));
+    }
+    Ok(out)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -207,5 +255,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(combine_adapters, m)?)?;
     m.add_function(wrap_pyfunction!(extract_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(export_gguf, m)?)?;
+    m.add_function(wrap_pyfunction!(read_dequantized, m)?)?;
     Ok(())
 }
