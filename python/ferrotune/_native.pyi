@@ -128,5 +128,33 @@ def merge_adapter(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    requantize: bool = False,
 ) -> dict[str, Any]: ...
 def read_adapter(adapter: str | os.PathLike[str]) -> dict[str, Any]: ...
+def combine_adapters(
+    adapters: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "linear",
+    density: float | None = None,
+    majority_sign: str = "total",
+    svd_rank: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]: ...
+def extract_adapter(
+    base: str | os.PathLike[str],
+    tuned: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int,
+    targets: str | Sequence[str] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]: ...
+def export_gguf(
+    model: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str = "f16", progress: bool = False
+) -> dict[str, Any]: ...
+def read_dequantized(path: str | os.PathLike[str], prefix: str) -> list[tuple[str, NativeTensor]]: ...
