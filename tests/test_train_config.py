@@ -87,3 +87,12 @@ def test_bad_file_errors(tmp_path):
         load_config(write(tmp_path, "task = \n"))
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        load_config(path)

@@ -227,3 +227,16 @@ def test_progress_line_and_metrics(tmp_path, capsys):
     assert records[-1]["step"] == 4 and "eval_ppl" in records[-1]
     # 4 steps x 2 micro-batches x 2 rows = two epochs of the 8 rows
     assert result.tokens == 2 * sum(int((r["document_ids"] >= 0).sum()) for r in rows)
+
+
+def test_bf16_autocast_step_is_close_to_fp32():
+    batch = collate(packed_rows(2))
+    model = tiny_model()
+    fp32, _ = accumulate_gradients(model, [batch], CPU, "fp32")
+    fp32_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    bf16, _ = accumulate_gradients(model, [batch], CPU, "bf16-mixed")
+    assert abs(float(bf16) - float(fp32)) < 0.02 * float(fp32)
+    cosine = F.cosine_similarity(model.lm_head.weight.grad.flatten(), fp32_grad.flatten(), dim=0)
+    assert cosine > 0.99
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32

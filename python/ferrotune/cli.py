@@ -10,6 +10,7 @@ import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("ferrotune.data.prepare", "tokenize, mask and pack JSONL into training shards"),
     "train": ("ferrotune.train.run", "train from a TOML config: pretrain or sft, full fine-tuning"),
     "generate": ("ferrotune.models.generate", "continue prompts with a trained model (KV cache)"),
     "quickstart": (

@@ -5,7 +5,7 @@
 2. builds a tiny Llama-style model and pretrains it on that text (continued pretraining path:
    raw text, packed rows, every token trained), measuring held-out perplexity before and after;
 3. fine-tunes it with SFT (assistant-only loss) on instructions built from the same world:
-   reversing a list of words, and questions about islands;
+   reversing a list of words, and answering questions about a passage;
 4. evaluates exact match on held-out instructions, generates answers with the KV cache, and prints
    a summary of what it did and where every file is.
 
@@ -60,29 +60,38 @@ def train_tokenizer(corpus: Path, folder: Path, vocab_size: int) -> None:
 
 
 def instructions(seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """SFT pairs (train, held out). Two skills: reversing a word list (held out: unseen lists) and
-    questions about the islands (held out: unseen island/question pairs, answered in the text)."""
+    """SFT pairs (train, held out). Two skills: reversing a word list (held out: unseen lists), and
+    answering a question about a passage of the shipped text (held out: islands never asked about
+    in training, so the answer must be read from the passage)."""
     rng = random.Random(seed)
     facts = json.loads(data_file("islands.json").read_text())
+    passages = read_texts(data_file("islands.txt"))
     questions = {
         "export": ("What does {n} trade?", "{n} trades {export}."),
         "color": ("What colour is the lighthouse of {n}?", "The lighthouse of {n} is {color}."),
         "season": ("When is the festival of {n}?", "The festival of {n} is in {season}."),
     }
-    qa = [
-        {"prompt": q.format(n=name), "response": a.format(n=name, **fact)}
-        for name, fact in facts.items()
-        for q, a in questions.values()
-    ]
-    rng.shuffle(qa)
-    held_qa, train_qa = qa[:12], qa[12:]
+    names = sorted(facts)
+    rng.shuffle(names)
+    held_names = set(names[:6])
+    train_qa, held_qa = [], []
+    for name in names:
+        for key, (question, answer) in questions.items():
+            for passage in passages:
+                if f"{name} " in passage and f" {facts[name][key]}" in passage:
+                    pair = {
+                        "prompt": f"{passage}\nQuestion: {question.format(n=name)}",
+                        "response": answer.format(n=name, **facts[name]),
+                    }
+                    (held_qa if name in held_names else train_qa).append(pair)
     reverse: dict[str, str] = {}
     while len(reverse) < 1600:
         words = [rng.choice(WORDS) for _ in range(rng.randint(3, 5))]
         reverse[f"Reverse the words: {' '.join(words)}"] = " ".join(reversed(words))
     items = [{"prompt": p, "response": r} for p, r in reverse.items()]
     held_rev, train_rev = items[:40], items[40:]
-    return train_qa * 8 + train_rev, held_rev + held_qa
+    rng.shuffle(held_qa)
+    return train_qa * 4 + train_rev, held_rev + held_qa[:30]
 
 
 def exact_match(
@@ -102,9 +111,11 @@ def write_toml(path: Path, text: str) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
-    parser.add_argument("--pretrain-steps", type=int, default=150)
-    parser.add_argument("--sft-steps", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--pretrain-steps", type=int, default=100)
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (a model this small runs best on one)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,12 +250,12 @@ What it did
   pretrain    {args.pretrain_steps} steps on raw text: held-out perplexity {before["eval_ppl"]:.1f} -> {after.get("eval_ppl", float("nan")):.1f}
   SFT         {args.sft_steps} steps, assistant-only loss, {len(train_sft)} instructions
   eval        reverse-the-words, {len(reverse)} unseen lists: exact match {base_score:.0%} before SFT -> {rev_score:.0%} after
-              island questions, {len(facts)} unseen (answer only in the pretraining text): {fact_score:.0%}
+              questions on passages about {len(facts)} unseen island/question pairs: exact match {fact_score:.0%}
 
 Generated answers
   > {example_rev["prompt"]}
     {rev_answers[0]}   (expected: {example_rev["response"]})
-  > {example_fact["prompt"]}
+  > {example_fact["prompt"].replace(chr(10), chr(10) + "    ")}
     {fact_answers[0]}   (expected: {example_fact["response"]})
 
 Files (under {out})

@@ -1,6 +1,7 @@
 //! The only pyo3 code: the `ferrotune._native` module, error mapping, and thin wrappers that
 //! release the GIL around the real work (which lives in the plain-Rust modules).
 
+mod data;
 mod errors;
 mod io;
 mod tensor;
@@ -22,5 +23,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     tensor::register(m)?;
     io::register(m)?;
+    data::register(m)?;
     Ok(())
 }

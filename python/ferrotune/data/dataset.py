@@ -1,0 +1,153 @@
+"""`PackedDataset`: the rows of a folder written by `ferrotune prepare`, memory-mapped.
+
+Every shard is opened once with the native memory map; a row is a set of `(T,)` views into the
+mapped file (no copy, no read until touched). The dataset is what one rank sees of one epoch:
+
+    order   = randperm(total_rows, seed + epoch)            (or 0..total_rows without shuffle)
+    mine    = order[rank::world_size][: total_rows // world_size]   (equal share, no overlap)
+    rows    = mine[start_step * batch_size :]                (resume where a run stopped)
+
+`collate(rows)` stacks rows into the training batch of the data contract: `input_ids`, `labels`,
+`position_ids` as int64 and `document_ids` as int32, each `(B, T)` (preference data carries the
+same four with `chosen_` / `rejected_` prefixes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from ferrotune.errors import FormatError
+from ferrotune.io import Checkpoint
+
+FORMAT_NAME = "ferrotune.packed"
+FORMAT_VERSION = 1
+_FIELDS = ("input_ids", "labels", "position_ids", "document_ids")
+
+
+def load_manifest(path: str | os.PathLike[str]) -> dict:
+    """The `manifest.json` of a prepared folder, checked for format and version."""
+    manifest_path = os.path.join(os.fspath(path), "manifest.json")
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{manifest_path}: invalid JSON: {e}", manifest_path, f"line {e.lineno}") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise FormatError(
+            f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}",
+            manifest_path,
+            "format",
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{manifest_path}: format_version {manifest.get('format_version')} is not supported "
+            f"(this ferrotune reads {FORMAT_VERSION})",
+            manifest_path,
+            "format_version",
+        )
+    return manifest
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """The packed rows of one rank for one epoch; each item is a dict of `(T,)` int32 views."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        batch_size: int = 1,
+        epoch: int = 0,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if start_step < 0 or batch_size < 1:
+            raise ValueError("start_step must be >= 0 and batch_size >= 1")
+        self.path = os.fspath(path)
+        self.manifest = load_manifest(self.path)
+        self.seq_len: int = self.manifest["seq_len"]
+        self.names = [p + f for p in self.manifest["lanes"] for f in _FIELDS]
+        self._shards: list[dict[str, torch.Tensor]] = []
+        starts = [0]
+        for info in self.manifest["shards"]:
+            ckpt = Checkpoint(os.path.join(self.path, info["file"]))
+            tensors = {name: ckpt[name] for name in self.names}  # (R, T) int32 views of the map
+            rows = tensors[self.names[0]].shape[0]
+            if rows != info["rows"] or any(t.shape != (rows, self.seq_len) for t in tensors.values()):
+                raise FormatError(
+                    f"{ckpt.path}: tensors do not match the manifest ({rows} rows)", ckpt.path, "shape"
+                )
+            self._shards.append(tensors)
+            starts.append(starts[-1] + rows)
+        self._starts = torch.tensor(starts, dtype=torch.int64)
+        self.total_rows = starts[-1]
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.batch_size = batch_size
+        self._order = self._rank_order(epoch)
+        self._skip = min(start_step * batch_size, len(self._order))
+
+    def _rank_order(self, epoch: int) -> torch.Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.total_rows, generator=generator)
+        else:
+            order = torch.arange(self.total_rows)
+        per_rank = self.total_rows // self.world_size
+        return order[self.rank :: self.world_size][:per_rank]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffles for `epoch` (same seed, new order) and starts it from its first row."""
+        self._order = self._rank_order(epoch)
+        self._skip = 0
+
+    def global_index(self, i: int) -> int:
+        """The row of the whole folder that item `i` of this view is."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return int(self._order[self._skip + i])
+
+    def __len__(self) -> int:
+        return len(self._order) - self._skip
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.global_index(i)
+        shard = int(torch.searchsorted(self._starts, row, right=True)) - 1
+        local = row - int(self._starts[shard])
+        return {name: t[local] for name, t in self._shards[shard].items()}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def collate(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks rows into a batch: ids, labels, positions as int64 `(B, T)`, document ids int32."""
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    batch = {}
+    for name in rows[0]:
+        stacked = torch.stack([r[name] for r in rows])
+        batch[name] = stacked.to(torch.int32 if name.endswith("document_ids") else torch.int64)
+    return batch
+
+
+def batches(
+    dataset: PackedDataset, batch_size: int, *, drop_last: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of `batch_size` rows in the dataset's order."""
+    buffer: list[dict[str, torch.Tensor]] = []
+    for row in dataset:
+        buffer.append(row)
+        if len(buffer) == batch_size:
+            yield collate(buffer)
+            buffer = []
+    if buffer and not drop_last:
+        yield collate(buffer)
