@@ -50,3 +50,55 @@ def save_safetensors(
     tensors: Sequence[tuple[str, str, Sequence[int], Buffer]],
     metadata: dict[str, str] | None = None,
 ) -> None: ...
+
+# --- data/bpe: the fast byte-level BPE encoder -------------------------------------------------
+
+@final
+class FastBpe:
+    """Byte-level BPE encoder whose ids equal HF `tokenizers`' (no BOS/EOS template)."""
+
+    @staticmethod
+    def from_file(path: str | os.PathLike[str]) -> FastBpe | None: ...
+    @staticmethod
+    def from_str(json: str) -> FastBpe | None: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def encode_batch_flat(self, texts: Sequence[str]) -> tuple[NativeTensor, NativeTensor]: ...
+
+def bpe_split_pieces(pattern: str, text: str) -> list[str] | None: ...
+
+# --- quantization (ferrotune.quant) ---
+
+def quantize_4bit(
+    data: Buffer, dtype: str, blocksize: int = 64, quant_type: str = "nf4"
+) -> tuple[NativeTensor, NativeTensor]: ...
+def dequantize_4bit(
+    packed: Buffer, absmax: Buffer, n: int, blocksize: int = 64, quant_type: str = "nf4", dtype: str = "BF16"
+) -> NativeTensor: ...
+def quantize_nested(
+    absmax: Buffer, offset: float | None = None
+) -> tuple[NativeTensor, NativeTensor, float]: ...
+def dequantize_nested(codes: Buffer, nested_absmax: Buffer, offset: float) -> NativeTensor: ...
+def dynamic_map_signed() -> NativeTensor: ...
+def quant_map(quant_type: str) -> NativeTensor: ...
+def quantize_checkpoint_dir(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    skip: list[str] | None = None,
+    progress: bool = True,
+) -> str: ...
+
+# --- merge: adapter merging, combination, extraction, export (rust/src/py/merge.rs) ---
+
+def merge_adapter(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]: ...
+def read_adapter(adapter: str | os.PathLike[str]) -> dict[str, Any]: ...

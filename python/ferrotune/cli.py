@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ferrotune.quickstart",
         "tokenizer + tiny model, pretraining, SFT, eval: the whole job on a CPU",
     ),
+    "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
+    "quantize": ("ferrotune.quant.command", "quantize a checkpoint to bitsandbytes 4-bit (NF4/FP4)"),
 }
 
 

@@ -69,6 +69,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     device: str = "auto"
     compile: bool = False
+    # Across GPUs / machines under torchrun (ferrotune.train.dist): "ddp" replicates the model,
+    # "fsdp" shards parameters, gradients and optimizer state (FSDP2). batch_size is per GPU.
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    fsdp_cpu_offload: bool = False  # shards, gradients and optimizer state in CPU memory
+    fsdp_shard_group_size: int = (
+        0  # 0: shard over all ranks; k: shard within groups of k, replicate across (HSDP)
+    )
 
 
 @dataclass

@@ -4,8 +4,12 @@ Every shard is opened once with the native memory map; a row is a set of `(T,)` 
 mapped file (no copy, no read until touched). The dataset is what one rank sees of one epoch:
 
     order   = randperm(total_rows, seed + epoch)            (or 0..total_rows without shuffle)
-    mine    = order[rank::world_size][: total_rows // world_size]   (equal share, no overlap)
+    mine    = order[rank::world_size]                       (no overlap, no row left out)
+              + one padding row on the ranks short of ceil(total_rows / world_size)
     rows    = mine[start_step * batch_size :]                (resume where a run stopped)
+
+The padding row (input ids 0, labels -100, document ids -1) trains no token, so every rank takes
+the same number of steps and the loss, normalised by the trained tokens of all ranks, is unchanged.
 
 `collate(rows)` stacks rows into the training batch of the data contract: `input_ids`, `labels`,
 `position_ids` as int64 and `document_ids` as int32, each `(B, T)` (preference data carries the
@@ -100,8 +104,9 @@ class PackedDataset(torch.utils.data.Dataset):
             order = torch.randperm(self.total_rows, generator=generator)
         else:
             order = torch.arange(self.total_rows)
-        per_rank = self.total_rows // self.world_size
-        return order[self.rank :: self.world_size][:per_rank]
+        per_rank = -(-self.total_rows // self.world_size)
+        mine = order[self.rank :: self.world_size]
+        return torch.cat([mine, torch.full((per_rank - len(mine),), -1, dtype=mine.dtype)])
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffles for `epoch` (same seed, new order) and starts it from its first row."""
@@ -109,7 +114,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self._skip = 0
 
     def global_index(self, i: int) -> int:
-        """The row of the whole folder that item `i` of this view is."""
+        """The row of the whole folder that item `i` of this view is (-1: the padding row)."""
         if not 0 <= i < len(self):
             raise IndexError(i)
         return int(self._order[self._skip + i])
@@ -119,9 +124,21 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.global_index(i)
+        if row < 0:
+            return self._padding_row()
         shard = int(torch.searchsorted(self._starts, row, right=True)) - 1
         local = row - int(self._starts[shard])
         return {name: t[local] for name, t in self._shards[shard].items()}
+
+    def _padding_row(self) -> dict[str, torch.Tensor]:
+        """A row that trains nothing: ids and positions 0, labels -100, document ids -1."""
+        fill = {"labels": -100, "document_ids": -1}
+        return {
+            name: torch.full(
+                (self.seq_len,), next((v for f, v in fill.items() if name.endswith(f)), 0), dtype=torch.int32
+            )
+            for name in self.names
+        }
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(len(self)):

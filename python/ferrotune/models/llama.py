@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ferrotune import kernels
 from ferrotune.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -184,10 +185,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)  # Triton on CUDA, the plain formula elsewhere
 
 
 def rope_inverse_frequencies(config: LlamaConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -224,7 +222,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin. x: (B, H, T, D); cos, sin: (B, 1, T, D)."""
+    """x * cos + rotate_half(x) * sin. x: (B, H, T, D); cos, sin: (B, 1, T, D). The formula the
+    attention's fused path (`ferrotune.kernels.apply_rope`, token-major) must equal."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -290,7 +289,8 @@ def document_block_mask(document_ids: torch.Tensor, window: int | None) -> Any:
         return allowed
 
     batch, length = docs.shape
-    return create_block_mask(mask_mod, batch, None, length, length, device=docs.device)
+    # Compiled mask construction on CUDA: the eager one materialises a (B, T, T) boolean first.
+    return create_block_mask(mask_mod, batch, None, length, length, device=docs.device, _compile=docs.is_cuda)
 
 
 _compiled_flex: Any = None
@@ -306,7 +306,7 @@ def flex_attention(
     fn = flex
     if q.is_cuda:
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex, dynamic=False)
+            _compiled_flex = torch.compile(flex)
         fn = _compiled_flex
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
@@ -382,9 +382,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere;
+        # either way q and k keep their dtype (under autocast the tables are fp32, q and k bf16).
+        q, k = kernels.apply_rope(q, cos[:, 0], sin[:, 0]), kernels.apply_rope(k, cos[:, 0], sin[:, 0])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        # Under autocast the projections are bf16 but the RoPE tables fp32: keep q, k in v's dtype.
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D)
         if prefix_kv is not None:
@@ -415,6 +416,12 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu and type(self.down_proj) is nn.Linear and x.is_cuda:
+            # Plain down projection: the fused path that recomputes silu(g) * u in backward.
+            down = self.down_proj
+            return kernels.swiglu_linear(self.gate_proj(x), self.up_proj(x), down.weight, down.bias)
+        if self.act is F.silu:
+            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # fused on CUDA
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -466,6 +473,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # With checkpointing on, only the first N blocks recompute (None: all). Memory left over
+        # by full checkpointing buys speed: each block not recomputed saves a forward pass.
+        self.checkpointed_layers: int | None = None
         # "auto": FlexAttention for packed rows on CUDA, SDPA otherwise; "sdpa"; "flex" (tests).
         self.attention_backend = "auto"
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -504,7 +514,8 @@ class LlamaModel(nn.Module):
         mask = self._attention_mask(x, document_ids, kv_cache, prefix_kv)
         for i, layer in enumerate(self.layers):
             prefix = prefix_kv[i] if prefix_kv is not None else None
-            if self.gradient_checkpointing and self.training and kv_cache is None:
+            recompute = self.checkpointed_layers is None or i < self.checkpointed_layers
+            if self.gradient_checkpointing and recompute and self.training and kv_cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, None, prefix, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, prefix)

@@ -36,6 +36,7 @@ from torch import nn
 from ferrotune.config import Config, TrainConfig, to_dict
 from ferrotune.errors import FormatError
 from ferrotune.io import load_checkpoint, save_safetensors
+from ferrotune.train import dist
 from ferrotune.train.losses import token_cross_entropy_sum, trained_tokens
 
 Batch = dict[str, torch.Tensor]
@@ -55,16 +56,32 @@ def collate(rows: Sequence[Batch]) -> Batch:
 class RowBatches:
     """Micro-batches over a sequence of packed rows (anything with len() and [i] giving a dict of
     (T,) tensors). Epoch e visits the rows in a permutation drawn from seed + e, so micro-batch
-    number k is the same in every run, and `from_position(k)` resumes exactly there."""
+    number k is the same in every run, and `from_position(k)` resumes exactly there.
 
-    def __init__(self, rows: Sequence[Batch], batch_size: int, *, shuffle: bool = True, seed: int = 0):
-        if len(rows) < batch_size:
-            raise ValueError(f"{len(rows)} rows cannot fill one micro-batch of {batch_size}")
+    Across `world_size` processes, the global micro-batch holds `batch_size * world_size` rows
+    and rank r collates only its rows r, r+W, ... of it (`dist.rank_rows`): no row is read twice
+    or skipped, and the ranks' micro-batches together are what one process would read."""
+
+    def __init__(
+        self,
+        rows: Sequence[Batch],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.global_batch = batch_size * world_size
+        if len(rows) < self.global_batch:
+            raise ValueError(f"{len(rows)} rows cannot fill one micro-batch of {self.global_batch}")
         self.rows, self.batch_size, self.shuffle, self.seed = rows, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_rows = list(dist.rank_rows(self.global_batch, rank, world_size))
 
     def __len__(self) -> int:
         """Micro-batches per epoch (the incomplete last one is dropped)."""
-        return len(self.rows) // self.batch_size
+        return len(self.rows) // self.global_batch
 
     def epoch(self, index: int) -> Iterator[Batch]:
         order = (
@@ -75,7 +92,8 @@ class RowBatches:
             else list(range(len(self.rows)))
         )
         for k in range(len(self)):
-            yield collate([self.rows[i] for i in order[k * self.batch_size : (k + 1) * self.batch_size]])
+            batch = order[k * self.global_batch : (k + 1) * self.global_batch]
+            yield collate([self.rows[batch[j]] for j in self.local_rows])
 
     def from_position(self, position: int) -> Iterator[Batch]:
         """Endless micro-batches, starting with number `position` (counted from the first epoch)."""
@@ -149,26 +167,42 @@ def accumulate_gradients(
     micro_batches: Sequence[Batch],
     device: torch.device,
     precision: str = "fp32",
+    env: dist.DistEnv | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Backward over all micro-batches, each loss divided by the step's total trained tokens.
-    Returns (mean loss over those tokens, detached; trained-token count)."""
+    Returns (mean loss over those tokens, detached; trained-token count).
+
+    Across processes (`env`), the tokens and the loss are counted over all ranks, and each rank's
+    loss is scaled by `dist.loss_scale` to undo DDP / FSDP gradient averaging."""
     total_tokens = int(sum(int(trained_tokens(mb["labels"])) for mb in micro_batches))
+    scale = 1
+    if env is not None and env.distributed:
+        total_tokens, scale = int(dist.global_sum(total_tokens, env)), dist.loss_scale(env)
     normalizer = max(total_tokens, 1)
     loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
+    for index, mb in enumerate(micro_batches):
         on_device = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        with autocast_context(device, precision):
-            micro_loss = batch_loss_sum(model, on_device)
-        (micro_loss / normalizer).backward()
+        with dist.gradient_sync(model, index == len(micro_batches) - 1):
+            with autocast_context(device, precision):
+                micro_loss = batch_loss_sum(model, on_device)
+            (micro_loss * scale / normalizer).backward()
         loss_sum += micro_loss.detach()
+    if env is not None and env.distributed:
+        loss_sum = dist.global_sum(loss_sum, env).float()
     return loss_sum / normalizer, total_tokens
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterator[Batch], device: torch.device, precision: str, limit: int = 0
+    model: nn.Module,
+    batches: Iterator[Batch],
+    device: torch.device,
+    precision: str,
+    limit: int = 0,
+    env: dist.DistEnv | None = None,
 ) -> dict[str, float]:
-    """Token-mean cross-entropy over the eval batches and its perplexity exp(loss)."""
+    """Token-mean cross-entropy over the eval batches and its perplexity exp(loss) (over all
+    ranks' rows with `env`)."""
     was_training = model.training
     model.eval()
     loss_sum, tokens = torch.zeros((), device=device, dtype=torch.float64), 0
@@ -180,6 +214,8 @@ def evaluate(
             loss_sum += batch_loss_sum(model, on_device).double()
         tokens += int(trained_tokens(batch["labels"]))
     model.train(was_training)
+    if env is not None and env.distributed:
+        loss_sum, tokens = dist.global_sum(loss_sum, env), int(dist.global_sum(tokens, env))
     loss = float(loss_sum) / max(tokens, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
@@ -377,6 +413,7 @@ class TrainResult:
     seconds: float = 0.0
     run_dir: Path | None = None
     resumed_from: int = 0
+    model: nn.Module | None = None  # as trained: DDP-wrapped or FSDP-sharded under torchrun
 
 
 def resolve_device(name: str) -> torch.device:
@@ -400,26 +437,43 @@ def train_loop(
     device: torch.device | None = None,
     on_step: Callable[[int, float], None] | None = None,
     quiet: bool = False,
+    env: dist.DistEnv | None = None,
 ) -> TrainResult:
     """Trains `model` (already on `device`) for `config.train.steps` optimizer steps.
     Writes metrics, checkpoints and the curve under `config.run.output_dir`; resumes from its
-    latest checkpoint when `config.run.resume`. `on_step(step, loss)` runs after each step."""
+    latest checkpoint when `config.run.resume`. `on_step(step, loss)` runs after each step.
+
+    Under torchrun (`env` from `dist.init_distributed`, `config.train.strategy` "ddp" or "fsdp")
+    the model is wrapped here, each rank reads its rows (`train_batches` built with the rank and
+    world size), checkpoints are sharded (`dist.save_sharded`) and only rank 0 logs."""
     cfg, run = config.train, config.run
+    env = env if env is not None else dist.DistEnv()
     device = device or next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
+    if train_batches.world_size != env.world_size:
+        raise ValueError(
+            f"train_batches split over {train_batches.world_size} ranks, the run has {env.world_size}"
+        )
+    model = dist.wrap_for_training(model, env, cfg, precision)
+    quiet = quiet or not env.is_main
     run_dir = Path(run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    dist.barrier(env)
     torch.manual_seed(config.seed)
 
     optimizer = build_optimizer(model, cfg)
     start_step, position, tokens_seen = 0, 0, 0
     if run.resume and (found := latest_checkpoint(run_dir)) is not None:
-        progress = load_training_checkpoint(found, model, optimizer)
+        if dist.is_sharded_checkpoint(found):
+            progress = dist.load_sharded(found, model, env, optimizer)
+        else:
+            progress = load_training_checkpoint(found, dist.unwrap_for_plain_checkpoint(model), optimizer)
         start_step, position, tokens_seen = progress["step"], progress["data_position"], progress["tokens"]
         if not quiet:
             print(f"resumed from {found} (step {start_step})", file=sys.stderr)
-    log = RunLog(run_dir, start_step, run.tensorboard)
+    log = RunLog(run_dir, start_step, run.tensorboard) if env.is_main else None
     model.train()
     stream = train_batches.from_position(position)
 
@@ -436,7 +490,8 @@ def train_loop(
             value = float(loss_t)
             losses.append(value)
             record = {"step": s, "loss": value, "lr": lr_s, "tokens": tok, "grad_norm": float(gn)}
-            log.write(record if rate is None else {**record, "tokens_per_s": rate})
+            if log is not None:
+                log.write(record if rate is None else {**record, "tokens_per_s": rate})
             if on_step is not None:
                 on_step(s, value)
         pending.clear()
@@ -448,10 +503,10 @@ def train_loop(
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         position += cfg.grad_accum
         step_tokens = sum(real_tokens(mb) for mb in micro)
-        loss, _ = accumulate_gradients(model, micro, device, precision)
+        loss, _ = accumulate_gradients(model, micro, device, precision, env)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if cfg.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = dist.clip_grad_norm(params, cfg.max_grad_norm)
         else:
             grad_norm = torch.zeros(())
         lr = learning_rate(step, cfg)
@@ -459,6 +514,7 @@ def train_loop(
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_tokens = int(dist.global_sum(step_tokens, env)) if env.distributed else step_tokens
         tokens_seen += step_tokens
         window_tokens += step_tokens
         pending.append((step + 1, loss, lr, step_tokens, grad_norm))
@@ -476,23 +532,29 @@ def train_loop(
             )
             window_start, window_tokens = now, 0
         if eval_batches is not None and ((run.eval_every and done % run.eval_every == 0) or last):
-            eval_result = evaluate(model, eval_batches.epoch(0), device, precision, run.eval_batches)
-            log.write({"step": done, **eval_result})
+            eval_result = evaluate(model, eval_batches.epoch(0), device, precision, run.eval_batches, env)
+            if log is not None:
+                log.write({"step": done, **eval_result})
             say(
                 f"eval at step {done} | loss {eval_result['eval_loss']:.4f} | ppl {eval_result['eval_ppl']:.2f}"
             )
         if run.save_every and done % run.save_every == 0 and not last:
             flush(None)  # the log is complete up to the checkpoint
-            log.file.flush()
+            if log is not None:
+                log.file.flush()
             folder = run_dir / "checkpoints" / f"step-{done:06d}"
-            save_training_checkpoint(
-                folder, model, optimizer, {"step": done, "data_position": position, "tokens": tokens_seen}
-            )
-            for old in sorted((run_dir / "checkpoints").glob("step-*"))[: -max(run.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
-    log.close()
-    if run.plot:
-        log.plot(run_dir / "loss.png")
+            progress = {"step": done, "data_position": position, "tokens": tokens_seen}
+            if env.distributed:
+                dist.save_sharded(folder, model, env, optimizer, progress)
+            else:
+                save_training_checkpoint(folder, model, optimizer, progress)
+            if env.is_main:
+                for old in sorted((run_dir / "checkpoints").glob("step-*"))[: -max(run.keep_checkpoints, 1)]:
+                    shutil.rmtree(old, ignore_errors=True)
+    if log is not None:
+        log.close()
+        if run.plot:
+            log.plot(run_dir / "loss.png")
     return TrainResult(
         steps=cfg.steps,
         losses=losses,
@@ -501,4 +563,5 @@ def train_loop(
         seconds=time.perf_counter() - started,
         run_dir=run_dir,
         resumed_from=start_step,
+        model=model,
     )

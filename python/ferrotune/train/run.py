@@ -26,6 +26,7 @@ from ferrotune.config import Config, load_config
 from ferrotune.errors import ConfigError
 from ferrotune.models.llama import CausalLM, LlamaConfig
 from ferrotune.models.load import load_model, save_model
+from ferrotune.train import dist
 from ferrotune.train.loop import RowBatches, TrainResult, resolve_device, resolve_precision, train_loop
 
 TOKENIZER_FILES = (
@@ -41,6 +42,7 @@ class Outcome:
     result: TrainResult
     final_dir: Path
     model: CausalLM
+    rank: int = 0  # under torchrun only rank 0 reports
 
 
 def build_model(config: Config, device: torch.device) -> CausalLM:
@@ -104,15 +106,22 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     if config.task in ALIGNMENT_TASKS:
         return train_alignment(config, quiet=quiet)
 
-    device = resolve_device(config.train.device)
+    env = dist.setup(config.train)  # torchrun: join the process group, this rank's GPU
+    device = env.device if env.distributed else resolve_device(config.train.device)
+    quiet = quiet or not env.is_main
     tokenizer, tokenizer_dir = load_tokenizer(config)
     build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
     train_rows, eval_rows = build_rows(config, tokenizer)
     model = build_model(config, device)
-    batches = RowBatches(train_rows, config.train.batch_size, shuffle=config.data.shuffle, seed=config.seed)
+    split = {"rank": env.rank, "world_size": env.world_size}  # each rank reads its rows
+    batches = RowBatches(
+        train_rows, config.train.batch_size, shuffle=config.data.shuffle, seed=config.seed, **split
+    )
     eval_batches = (
-        RowBatches(eval_rows, min(config.train.batch_size, len(eval_rows)), shuffle=False)
-        if eval_rows
+        RowBatches(
+            eval_rows, min(config.train.batch_size, len(eval_rows) // env.world_size), shuffle=False, **split
+        )
+        if len(eval_rows) >= env.world_size
         else None
     )
     if not quiet:
@@ -122,8 +131,17 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
             f"{config.data.seq_len} tokens ({len(eval_rows)} held out), {config.train.steps} steps",
             file=sys.stderr,
         )
-    result = train_loop(model, config, batches, eval_batches, device=device, quiet=quiet)
-    final = finish(model, config, tokenizer_dir)
+    result = train_loop(model, config, batches, eval_batches, device=device, quiet=quiet, env=env)
+    if env.distributed:  # the shards gathered on rank 0, which writes the checkpoint
+        final = Path(config.run.output_dir) / "final"
+        with dist.full_model_on_main(result.model, env) as full:
+            if full is not None:
+                finish(full, config, tokenizer_dir)
+        dist.shutdown(env)
+        if not env.is_main:
+            return Outcome(result, final, model, env.rank)
+    else:
+        final = finish(model, config, tokenizer_dir)
     summary = {
         "task": config.task,
         "steps": result.steps,
@@ -146,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     outcome = train_from_config(config)
+    if outcome.rank != 0:
+        return 0
     result = outcome.result
     lines = [
         f"trained {result.steps - result.resumed_from} steps in {result.seconds:.0f}s ({result.tokens:,} tokens)",

@@ -7,6 +7,7 @@
 //! [`prepare::prepare`] runs the whole pipeline with bounded memory; the shard layout is documented
 //! in [`shard`] and in `docs/data.md`.
 
+pub mod bpe;
 pub mod jsonl;
 pub mod mask;
 pub mod pack;

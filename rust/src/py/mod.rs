@@ -1,9 +1,12 @@
 //! The only pyo3 code: the `ferrotune._native` module, error mapping, and thin wrappers that
 //! release the GIL around the real work (which lives in the plain-Rust modules).
 
+mod bpe;
 mod data;
 mod errors;
 mod io;
+mod merge;
+mod quant;
 mod tensor;
 
 use pyo3::prelude::*;
@@ -23,6 +26,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     tensor::register(m)?;
     io::register(m)?;
+    bpe::register(m)?;
+    quant::register(m)?;
+    merge::register(m)?;
     data::register(m)?;
     Ok(())
 }

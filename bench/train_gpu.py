@@ -1,0 +1,217 @@
+"""ferrotune on one GPU, case for case beside `../shared/bench/hf_peer_gpu.py`.
+
+Same cases, same random-init Llama shapes and random token ids, same LoRA (r=16, alpha=32 on
+q,k,v,o,gate,up,down), fused AdamW, same timing (warm-up steps, then the median step between
+`torch.cuda.synchronize()` calls) and the same JSON fields, one line per case, so the ratio comes
+from one run. Our differences are the point: the chunked LM-head loss (no full logits), the
+Triton kernels, packed rows with a document mask instead of padding (varlen cases), NF4 through
+ferrotune.quant.
+
+    python bench/train_gpu.py lora8b,qlora8b,full1b,lora8b_varlen     # OUT=dir for results.jsonl
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from ferrotune import kernels
+from ferrotune.kernels import linear_cross_entropy
+from ferrotune.models.llama import CausalLM, LlamaConfig
+
+OUT = os.environ.get("OUT", "/tmp")
+L8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+           num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+           rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
+L1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+           num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+           rms_norm_eps=1e-5, tie_word_embeddings=True)  # fmt: skip
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def emit(record: dict) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    with open(os.path.join(OUT, "results.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def build(shape: dict, mode: str) -> CausalLM:
+    config = LlamaConfig(**shape)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = CausalLM(config).to(torch.bfloat16)
+    model.init_weights()
+    if mode == "qlora":
+        from ferrotune.quant.nf4 import quantize_linears
+
+        quantize_linears(model, skip=("lm_head",))
+        gc.collect()
+        torch.cuda.empty_cache()
+    if mode in ("lora", "qlora"):
+        from ferrotune.peft import LoraConfig, apply_peft
+
+        model = apply_peft(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGETS))
+    return model
+
+
+def lognormal_lengths(budget: int, n: int, seed: int = 2) -> list[list[int]]:
+    """The peer's SFT-like lengths (lognormal, median ~450, clipped to [32, 4096]), drawn with the
+    same generator and the same batch-filling rule, so both sides see the same documents."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        lens: list[int] = []
+        while True:
+            length = int(min(4096, max(32, math.exp(rng.gauss(math.log(450), 0.9)))))
+            if (len(lens) + 1) * max([*lens, length]) > budget:
+                break
+            lens.append(length)
+        out.append(lens)
+    return out
+
+
+def pack_rows(batches: list[list[int]], row: int) -> list[list[int]]:
+    """The peer's documents (all its batches, flattened) packed best-fit-decreasing into rows of
+    `row` tokens, as `ferrotune prepare` packs: the same documents, without the padding."""
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for length in sorted((n for lens in batches for n in lens), reverse=True):
+        best = min((i for i in range(len(rows)) if space[i] >= length), key=lambda i: space[i], default=None)
+        if best is None:
+            rows.append([])
+            space.append(row)
+            best = len(rows) - 1
+        rows[best].append(length)
+        space[best] -= length
+    return rows
+
+
+def packed_row(lengths: list[int], vocab: int, g: torch.Generator, row: int) -> dict[str, torch.Tensor]:
+    """One packed row of `row` tokens: positions restart per document, document ids keep
+    attention inside each document, and the tail is one padding run (document id -1, no loss).
+    One fixed row length keeps the compiled attention kernel from recompiling for every batch."""
+    pad = row - sum(lengths)
+    assert pad >= 0
+    lengths = [*lengths, pad] if pad else lengths
+    total = row
+    ids = torch.randint(0, vocab, (1, total), device="cuda", generator=g)
+    doc = torch.repeat_interleave(
+        torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda")
+    )
+    starts = torch.cumsum(torch.tensor([0, *lengths[:-1]], device="cuda"), 0)
+    pos = torch.arange(total, device="cuda") - torch.repeat_interleave(
+        starts, torch.tensor(lengths, device="cuda")
+    )
+    labels = torch.roll(ids, -1, dims=1)
+    last = torch.cumsum(torch.tensor(lengths, device="cuda"), 0) - 1
+    labels[0, last] = -100
+    doc = doc.to(torch.int32)
+    if pad:
+        doc[-pad:] = -1
+        labels[0, -pad:] = -100
+    return dict(input_ids=ids, labels=labels, position_ids=pos[None], document_ids=doc[None])
+
+
+def train_case(
+    name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False, compile_blocks=False, checkpointed=None
+):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model = build(shape, mode)
+    inner = model.model if hasattr(model, "model") and isinstance(model.model, CausalLM) else model
+    inner.gradient_checkpointing = gc_on
+    inner.model.checkpointed_layers = checkpointed
+    if compile_blocks:
+        kernels.set_enabled(False)  # Inductor fuses the plain formulas itself
+        for layer in inner.model.layers:
+            layer.compile()
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ntrain = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    setup_s = time.time() - t0
+    model.train()
+    vocab = shape["vocab_size"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    # varlen: the peer's documents for 6x its step count, packed into rows of its token budget.
+    batches = pack_rows(lognormal_lengths(bsz * seq, 6 * (warm + steps)), bsz * seq) if varlen else None
+    if varlen:
+        steps = len(batches) - warm
+    times, useful = [], 0
+    loss = torch.zeros(())
+    for i in range(warm + steps):
+        if varlen:
+            batch = packed_row(batches[i], vocab, g, bsz * seq)
+        else:
+            ids = torch.randint(0, vocab, (bsz, seq), device="cuda", generator=g)
+            labels = torch.roll(ids, -1, dims=1)
+            labels[:, -1] = -100
+            batch = dict(input_ids=ids, labels=labels)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hidden = inner.hidden_states(
+            batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
+        )
+        loss = linear_cross_entropy(hidden, inner.lm_head.weight, batch["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warm:
+            times.append(time.perf_counter() - start)
+            useful += sum(batches[i]) if varlen else bsz * seq  # real tokens, as the peer counts them
+    times.sort()
+    med = times[len(times) // 2]
+    emit(dict(case=name, impl="ferrotune", mode=mode, bsz=bsz, seq=seq, grad_ckpt=gc_on, liger=False, varlen=varlen,
+              trainable=ntrain, step_s_median=round(med, 4), step_s_min=round(times[0], 4),
+              tokens_per_s=round(bsz * seq / med, 1), useful_tokens_per_s=round(useful / sum(times), 1),
+              weights_gib=round(weights_gib, 2), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed))  # fmt: skip
+    kernels.set_enabled(True)
+    del model, opt, params, loss
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+CASES = {
+    "lora8b": lambda: train_case("lora8b", L8B, "lora", 4, 2048, True),
+    "lora8b_sel22": lambda: train_case("lora8b_sel22", L8B, "lora", 4, 2048, True, checkpointed=22),
+    "lora8b_sel24": lambda: train_case("lora8b_sel24", L8B, "lora", 4, 2048, True, checkpointed=24),
+    "full1b_compiled": lambda: train_case(
+        "full1b_compiled", L1B, "full", 8, 2048, False, compile_blocks=True
+    ),
+    "full1b_gc8": lambda: train_case("full1b_gc8", L1B, "full", 8, 2048, True, checkpointed=8),
+    "lora8b_nogc": lambda: train_case("lora8b_nogc", L8B, "lora", 4, 2048, False),
+    "lora8b_sel22_compiled": lambda: train_case(
+        "lora8b_sel22_compiled", L8B, "lora", 4, 2048, True, compile_blocks=True, checkpointed=22
+    ),
+    "lora8b_compiled": lambda: train_case("lora8b_compiled", L8B, "lora", 4, 2048, True, compile_blocks=True),
+    "qlora8b": lambda: train_case("qlora8b", L8B, "qlora", 4, 2048, True),
+    "full1b": lambda: train_case("full1b", L1B, "full", 8, 2048, False),
+    "lora8b_varlen": lambda: train_case("lora8b_varlen", L8B, "lora", 8, 2048, True, varlen=True),
+    "lora8b_16k": lambda: train_case("lora8b_16k", L8B, "lora", 1, 16384, True, steps=3, warm=1),
+    "lora8b_32k": lambda: train_case("lora8b_32k", L8B, "lora", 1, 32768, True, steps=3, warm=1),
+    "lora8b_65k": lambda: train_case("lora8b_65k", L8B, "lora", 1, 65536, True, steps=2, warm=1),
+    "qlora8b_131k": lambda: train_case("qlora8b_131k", L8B, "qlora", 1, 131072, True, steps=2, warm=1),
+}
+
+if __name__ == "__main__":
+    for case in (sys.argv[1] if len(sys.argv) > 1 else "lora8b").split(","):
+        try:
+            CASES[case]()
+        except Exception as e:  # one failed case must not hide the others' figures
+            import traceback
+
+            traceback.print_exc()
+            emit(dict(case=case, impl="ferrotune", error=repr(e)[:500]))
+            gc.collect()
+            torch.cuda.empty_cache()

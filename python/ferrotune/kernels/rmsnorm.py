@@ -1,0 +1,123 @@
+"""RMSNorm, as Llama defines it:
+
+    y = w * cast(x / sqrt(mean(x^2) + eps))        (statistics in fp32, cast back to x's dtype)
+
+Backward, with x_hat = x * r, r = 1 / sqrt(mean(x^2) + eps), g = dy * w (fp32):
+
+    dx = r * (g - x_hat * mean(g * x_hat))
+    dw = sum_rows(dy * cast(x_hat))
+
+The Triton kernel runs one program per row (the whole hidden size in one block) and keeps r for
+the backward pass; the reference is the plain PyTorch expression above.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ferrotune.kernels._dispatch import HAVE_TRITON, triton_runs_on
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_forward(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        x_hat = (x * rstd).to(w.dtype)
+        tl.store(Y + row * stride_y + cols, (w * x_hat).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_backward(
+        DY,
+        X,
+        W,
+        RSTD,
+        DX,
+        DW_PARTIAL,
+        stride_dy,
+        stride_x,
+        stride_dx,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        start = pid * rows_per_program
+        for i in range(0, rows_per_program):
+            row = start + i
+            if row < n_rows:
+                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(RSTD + row)
+                x_hat = x * rstd
+                g = dy * w
+                dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                x_hat_cast = x_hat.to(W.dtype.element_ty).to(tl.float32)
+                dw += dy * x_hat_cast
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm in plain PyTorch."""
+    x32 = x.float()
+    x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x_hat.to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()  # (N, H)
+        n_rows, n_cols = x2.shape
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        y = torch.empty(n_rows, n_cols, dtype=out_dtype, device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n_cols)
+        _rms_forward[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, eps, BLOCK=block)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = shape
+        return y.view(*shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = dy.reshape(-1, n_cols).contiguous()
+        dx = torch.empty_like(x2)
+        programs = min(n_rows, 4 * _sm_count(x2.device)) or 1
+        rows_per_program = triton.cdiv(n_rows, programs)
+        dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
+        block = triton.next_power_of_2(n_cols)
+        _rms_backward[(programs,)](
+            dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
+            n_rows, n_cols, rows_per_program, BLOCK=block,
+        )  # fmt: skip
+        dw = dw_partial.sum(0).to(weight.dtype)
+        return dx.view(ctx.shape), dw, None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: the Triton kernel where it runs, else the reference."""
+    if triton_runs_on(x):
+        return _RMSNorm.apply(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)

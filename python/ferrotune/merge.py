@@ -1,0 +1,90 @@
+"""`ferrotune merge BASE ADAPTER OUT`: a PEFT LoRA adapter (LoRA, rsLoRA, DoRA, rank and alpha
+patterns, modules_to_save) merged into a Hugging Face model, written as a complete model folder.
+
+The merge itself is native (`rust/src/merge/apply.rs`): tensor by tensor from the memory-mapped
+checkpoint, each tensor in its own dtype, computed in f32, rows in parallel, shards written as the
+base's, so memory stays at a few tensors whatever the model size:
+
+    W' = W + s · B A                          s = alpha / r  (rsLoRA: alpha / sqrt(r))
+    W' = m ⊙ (W + s · B A) / ‖W + s · B A‖    DoRA, norm of each output row
+
+It ends with the probe check (`ferrotune.probe`): merged versus unmerged logits on a few inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from ferrotune import _native
+
+
+def merge_adapter(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    probe: bool = True,
+    probe_threshold: float | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Merges `adapter` into `base`, writing the model folder `out`. Returns the native summary,
+    plus `probe` (a `ferrotune.probe.ProbeReport`) when `probe` is set."""
+    summary: dict[str, Any] = _native.merge_adapter(
+        os.fspath(base), os.fspath(adapter), os.fspath(out), overwrite=overwrite, progress=progress
+    )
+    if probe:
+        from ferrotune.probe import DEFAULT_THRESHOLD, probe_merge
+
+        threshold = DEFAULT_THRESHOLD if probe_threshold is None else probe_threshold
+        started = time.perf_counter()
+        summary["probe"] = probe_merge(base, adapter, out, threshold=threshold)
+        summary["probe_seconds"] = time.perf_counter() - started
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base", help="base model: HF folder (single or sharded), index or safetensors file")
+    parser.add_argument(
+        "adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
+    )
+    parser.add_argument("out", help="output model folder (created; must be empty unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files in a non-empty OUT")
+    parser.add_argument("--no-probe", action="store_true", help="skip the merged-vs-unmerged logits check")
+    parser.add_argument(
+        "--probe-threshold",
+        type=float,
+        default=None,
+        help="warn when the largest logit divergence exceeds this fraction of the largest logit (0.05)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    summary = merge_adapter(
+        args.base,
+        args.adapter,
+        args.out,
+        overwrite=args.overwrite,
+        probe=not args.no_probe,
+        probe_threshold=args.probe_threshold,
+        progress=not args.quiet,
+    )
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"merged {summary['modules_merged']} LoRA modules ({summary['dora_modules']} DoRA, "
+        f"{summary['tensors_replaced']} tensors replaced) into {args.out}: "
+        f"{summary['bytes_written'] / 1e9:.2f} GB in {summary['shards']} shard(s), "
+        f"{summary['tensors_copied']} tensors copied, {summary['seconds']:.2f} s"
+    )
+    report = summary.get("probe")
+    if report is not None:
+        print(report.summary(), file=sys.stdout if report.ok else sys.stderr)
+    print(f"done in {time.perf_counter() - started:.2f} s")
+    return 0

@@ -1,0 +1,223 @@
+//! `ferrotune merge BASE ADAPTER OUT`: a PEFT LoRA adapter merged into a Hugging Face checkpoint,
+//! streamed tensor by tensor (see `stream.rs`), each tensor kept in its own dtype and computed in
+//! f32 (see `lora.rs` for the math).
+
+use std::path::Path;
+
+use super::adapter::{Adapter, Layout, LoraModule};
+use super::convert::{check_mergeable, tensor_from_f32, tensor_to_f32};
+use super::lora::{merge_weight, LowRank};
+use super::stream::{
+    copy_side_files, prepare_out_dir, rewrite_checkpoint, Plan, StreamSummary, TensorRewrite,
+};
+use crate::error::{Error, Result};
+use crate::io::{Checkpoint, TensorInfo, TensorSpec};
+
+/// Options of [`merge_adapter`].
+#[derive(Debug, Clone, Default)]
+pub struct MergeOptions {
+    /// Replace the files of a non-empty output folder.
+    pub overwrite: bool,
+    /// Progress lines on stderr.
+    pub progress: bool,
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Default)]
+pub struct MergeSummary {
+    pub stream: StreamSummary,
+    pub modules_merged: usize,
+    pub dora_modules: usize,
+    pub tensors_replaced: usize,
+    pub side_files: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// What happens to one base tensor.
+enum Action<'a> {
+    /// `W += s·BA` (and DoRA).
+    Lora(&'a LoraModule),
+    /// `bias += s·lora_B.bias`.
+    LoraBias(&'a LoraModule),
+    /// Replaced by the adapter's tensor (modules_to_save), cast to the base dtype.
+    Replace(&'a str),
+}
+
+struct LoraRewrite<'a> {
+    adapter: &'a Adapter,
+    actions: std::collections::HashMap<String, Action<'a>>,
+}
+
+impl<'a> LoraRewrite<'a> {
+    /// Matches every adapter entry to a base tensor, checking shapes and dtypes.
+    fn new(adapter: &'a Adapter, base: &Checkpoint, base_dir: &Path) -> Result<Self> {
+        let weights_path = adapter.dir.join("adapter_model.safetensors");
+        let missing = |what: &str, name: &str| {
+            Error::format(
+                &weights_path,
+                what.to_string(),
+                format!(
+                    "the base model {} has no tensor {name:?}",
+                    base_dir.display()
+                ),
+            )
+        };
+        let mut actions = std::collections::HashMap::new();
+        for module in adapter.modules.values() {
+            let weight_name = module.weight_name();
+            let (_, w) = base
+                .get(&weight_name)
+                .ok_or_else(|| missing(&format!("module {:?}", module.module), &weight_name))?;
+            check_mergeable(w.dtype, &weight_name)?;
+            let (a, b) = (adapter.info(&module.a), adapter.info(&module.b));
+            let expected = match module.layout {
+                Layout::Linear => vec![b.shape[0], a.shape[1]],
+                Layout::Transposed => vec![a.shape[1], b.shape[0]],
+            };
+            if w.shape != expected {
+                return Err(Error::format(
+                    &weights_path,
+                    format!("module {:?}", module.module),
+                    format!(
+                        "lora_A {:?} and lora_B {:?} give an update of shape {expected:?}, but {weight_name} is {:?}",
+                        a.shape, b.shape, w.shape
+                    ),
+                ));
+            }
+            if module.magnitude.is_some() && module.layout == Layout::Transposed {
+                return Err(Error::InvalidArgument(format!(
+                    "module {}: DoRA with fan_in_fan_out or on embeddings is not supported",
+                    module.module
+                )));
+            }
+            actions.insert(weight_name, Action::Lora(module));
+            if let Some(bias_key) = &module.bias {
+                let bias_name = format!("{}.bias", module.module);
+                let (_, bias) = base
+                    .get(&bias_name)
+                    .ok_or_else(|| missing(bias_key, &bias_name))?;
+                check_mergeable(bias.dtype, &bias_name)?;
+                if bias.numel() != adapter.info(bias_key).numel() {
+                    return Err(Error::format(
+                        &weights_path,
+                        bias_key.clone(),
+                        "size differs from the base bias",
+                    ));
+                }
+                actions.insert(bias_name, Action::LoraBias(module));
+            }
+        }
+        for (name, key) in &adapter.replacements {
+            let (_, t) = base.get(name).ok_or_else(|| missing(key, name))?;
+            let replacement = adapter.info(key);
+            if replacement.shape != t.shape {
+                return Err(Error::format(
+                    &weights_path,
+                    key.clone(),
+                    format!(
+                        "shape {:?} differs from the base tensor's {:?}",
+                        replacement.shape, t.shape
+                    ),
+                ));
+            }
+            check_mergeable(t.dtype, name)?;
+            check_mergeable(replacement.dtype, key)?;
+            if actions.insert(name.clone(), Action::Replace(key)).is_some() {
+                return Err(Error::format(
+                    &weights_path,
+                    key.clone(),
+                    "both replaced and LoRA-adapted",
+                ));
+            }
+        }
+        Ok(LoraRewrite { adapter, actions })
+    }
+}
+
+impl TensorRewrite for LoraRewrite<'_> {
+    fn plan(&self, info: &TensorInfo) -> Result<Plan> {
+        Ok(match self.actions.get(&info.name) {
+            None => Plan::Copy,
+            Some(_) => Plan::Rewrite(vec![TensorSpec::new(
+                &info.name,
+                info.dtype,
+                info.shape.clone(),
+            )]),
+        })
+    }
+
+    fn compute(&self, source: &Checkpoint, info: &TensorInfo) -> Result<Vec<Vec<u8>>> {
+        let base = source.bytes(&info.name).expect("planned tensors exist");
+        let merged = match &self.actions[&info.name] {
+            Action::Lora(module) => {
+                let a = self.adapter.tensor_f32(&module.a);
+                let b = self.adapter.tensor_f32(&module.b);
+                let scale = module.scale as f32;
+                let delta = match module.layout {
+                    Layout::Linear => LowRank::linear(&a, &b, module.rank, scale),
+                    Layout::Transposed => LowRank::transposed(&a, &b, module.rank, scale),
+                };
+                let magnitude = module
+                    .magnitude
+                    .as_ref()
+                    .map(|k| self.adapter.tensor_f32(k));
+                merge_weight(base, info.dtype, &delta, magnitude.as_deref())
+            }
+            Action::LoraBias(module) => {
+                let lora_bias = self
+                    .adapter
+                    .tensor_f32(module.bias.as_ref().expect("planned"));
+                let mut bias = tensor_to_f32(base, info.dtype);
+                for (x, d) in bias.iter_mut().zip(&lora_bias) {
+                    *x += module.scale as f32 * d;
+                }
+                tensor_from_f32(&bias, info.dtype)
+            }
+            Action::Replace(key) => {
+                let replacement = self.adapter.info(key);
+                if replacement.dtype == info.dtype {
+                    self.adapter
+                        .weights
+                        .bytes(key)
+                        .expect("adapter key")
+                        .to_vec()
+                } else {
+                    tensor_from_f32(&self.adapter.tensor_f32(key), info.dtype)
+                }
+            }
+        };
+        Ok(vec![merged])
+    }
+}
+
+/// Merges the PEFT adapter in `adapter_dir` into the model in `base_dir`, writing a complete
+/// model folder to `out_dir` (shards as the base's, config and tokenizer files copied).
+pub fn merge_adapter(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    options: &MergeOptions,
+) -> Result<MergeSummary> {
+    let adapter = Adapter::open(adapter_dir)?;
+    let base = Checkpoint::open(base_dir)?;
+    let rewrite = LoraRewrite::new(&adapter, &base, base_dir)?;
+    prepare_out_dir(out_dir, &[base_dir, adapter_dir], options.overwrite)?;
+    let stream = rewrite_checkpoint(&base, base_dir, out_dir, &rewrite, options.progress)?;
+    let side_files = if base_dir.is_dir() {
+        copy_side_files(base_dir, Some(adapter_dir), out_dir)?
+    } else {
+        Vec::new()
+    };
+    Ok(MergeSummary {
+        stream,
+        modules_merged: adapter.modules.len(),
+        dora_modules: adapter
+            .modules
+            .values()
+            .filter(|m| m.magnitude.is_some())
+            .count(),
+        tensors_replaced: adapter.replacements.len(),
+        side_files,
+        warnings: adapter.warnings.clone(),
+    })
+}
