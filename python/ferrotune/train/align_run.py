@@ -8,7 +8,8 @@ runs the matching loop.
     task = "ppo"                            prompts + reward model or reward functions ([method.ppo])
     task = "grpo"                           prompts + reward functions ([method.grpo])
 
-Data: preference pairs are JSONL `{"prompt", "chosen", "rejected", "margin"?}`; prompts for PPO
+Data: preference pairs are JSONL `{"prompt", "chosen", "rejected", "margin"?}` or a folder made by
+`ferrotune prepare --format preference` (chat templates, masks and packing done there); prompts for PPO
 and GRPO are JSONL `{"prompt"}`. Texts are tokenized as given (apply the chat template when
 writing the file); an end-of-sequence token closes every completion.
 """
@@ -60,6 +61,15 @@ def read_prompts(path: str, tokenizer: Any) -> list[list[int]]:
     return prompts
 
 
+def read_pairs(path: str, tokenizer: Any, eos: int) -> Any:
+    """Preference pairs from JSONL, or a folder prepared by `ferrotune prepare` (memory-mapped)."""
+    from ferrotune.train.preference_data import PreparedPreferences, read_preference_jsonl
+
+    if Path(path).is_dir():
+        return PreparedPreferences(path)
+    return read_preference_jsonl(path, tokenizer, add_eos=eos)
+
+
 def _special_ids(config: Config, tokenizer: Any, model_config: Any) -> tuple[int, int]:
     """(end-of-sequence id, pad id): from the model config when set, else the tokenizer."""
     eos = model_config.eos_token_id
@@ -74,8 +84,6 @@ def _special_ids(config: Config, tokenizer: Any, model_config: Any) -> tuple[int
 
 
 def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
-    from ferrotune.train.preference_data import read_preference_jsonl
-
     if not config.data.train:
         raise ConfigError("data.train: required (a JSONL file)")
     started = time.perf_counter()
@@ -90,11 +98,13 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
     task = config.task
 
     if task == "reward" or task in PREFERENCE_TASKS:
-        pairs = read_preference_jsonl(config.data.train, tokenizer, add_eos=eos)
+        pairs = read_pairs(config.data.train, tokenizer, eos)
         if config.data.eval:
-            eval_pairs = read_preference_jsonl(config.data.eval, tokenizer, add_eos=eos)
-        else:
+            eval_pairs = read_pairs(config.data.eval, tokenizer, eos)
+        elif isinstance(pairs, list):
             pairs, eval_pairs = split_eval(pairs, config.data.eval_fraction, config.seed)
+        else:
+            eval_pairs = []
         if not quiet:
             print(
                 f"{task}: {len(pairs)} preference pairs ({len(eval_pairs)} held out) on {device}",
