@@ -115,3 +115,38 @@ def test_bad_preference_line_names_file_line_and_field(workspace):
     tokenizer = Tokenizer.from_file(str(workspace / "model" / "tokenizer.json"))
     with pytest.raises(FormatError, match=r"bad.jsonl: line 2: field 'chosen'"):
         read_preference_jsonl(bad, tokenizer)
+
+
+def test_dpo_and_reward_train_from_a_prepared_preference_folder(workspace):
+    """`ferrotune prepare --format preference` packs pairs in Rust (chosen/rejected documents side
+    by side); DPO and the reward model read the folder memory-mapped."""
+    from ferrotune.train.preference_data import PreparedPreferences
+    from safetensors.torch import load_file
+
+    prepared = workspace / "prepared"
+    args = ["prepare", str(workspace / "prefs.jsonl"), "--tokenizer", str(workspace / "model")]
+    assert (
+        main([*args, "--out", str(prepared), "--seq-len", "32", "--format", "preference", "--overwrite"]) == 0
+    )
+    source = PreparedPreferences(prepared)
+    assert len(source) == 24
+    batch = next(source.batches(batch_size=4, shuffle=False))
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+    assert sorted(batch["pair_index"][batch["pair_index"] >= 0].tolist()) == list(
+        range(int((batch["pair_index"] >= 0).sum()))
+    )
+    for task in ("dpo", "reward"):
+        out = workspace / "runs" / f"prepared_{task}"
+        overrides = [
+            f"model.path={workspace / 'model'}",
+            f"data.train={prepared}",
+            "train.steps=2",
+            "train.batch_size=2",
+            "train.device=cpu",
+            f"run.output_dir={out}",
+            f"method.dpo.reference_cache={out / 'reference.safetensors'}",
+        ]
+        assert main(["train", str(EXAMPLES / f"{task}.toml"), *overrides]) == 0
+        assert (out / "final" / "config.json").exists()
+    cache = load_file(workspace / "runs" / "prepared_dpo" / "reference.safetensors")
+    assert cache["chosen"].shape == (24,) and bool((cache["chosen"] < 0).all())
