@@ -89,6 +89,7 @@ path = "{final}"
 [data]
 train = "{tmp_path / "chat.jsonl"}"
 seq_len = 24
+pipeline = "memory"
 [train]
 steps = 4
 batch_size = 2
@@ -131,3 +132,53 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"prompt": "a"}\n')
     with pytest.raises(FormatError, match="record 1"):
         read_conversations(path)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|> {{ m['content'] }} <|end|>"
+    "{% else %}<|user|> {{ m['content'] }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def test_jsonl_goes_through_the_prepare_pipeline(tmp_path, tokenizer_dir):
+    """JSONL data is prepared by the Rust pipeline (chat template, assistant-only mask, packing) into
+    the run folder; the loop trains on the memory-mapped shards."""
+    (tokenizer_dir / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHAT_TEMPLATE, "eos_token": "<|end|>", "pad_token": "<|pad|>"})
+    )
+    words = TEXT.split()
+    with (tmp_path / "chat.jsonl").open("w") as f:
+        for i in range(14):
+            messages = [
+                {"role": "user", "content": " ".join(words[i : i + 3])},
+                {"role": "assistant", "content": words[i + 3]},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    (tmp_path / "sft.toml").write_text(
+        f"""
+task = "sft"
+[model]
+init = {{ vocab_size = {vocab}, hidden_size = 32, intermediate_size = 48, num_hidden_layers = 1, num_attention_heads = 2 }}
+tokenizer = "{tokenizer_dir}"
+[data]
+train = "{tmp_path / "chat.jsonl"}"
+seq_len = 32
+[train]
+steps = 3
+batch_size = 2
+[run]
+output_dir = "{tmp_path / "run"}"
+"""
+    )
+    assert main(["train", str(tmp_path / "sft.toml")]) == 0
+    from ferrotune.data import PackedDataset
+
+    rows = PackedDataset(tmp_path / "run" / "prepared" / "train", shuffle=False)
+    vocab_map = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab()
+    end = vocab_map["<|end|>"]
+    trained = [int(t) for row in rows for t in row["labels"] if t != -100]
+    # Exactly the 14 one-word replies and their end-of-turn tokens take loss.
+    assert len(trained) == 28 and trained.count(end) == 14
+    assert sorted(t for t in trained if t != end) == sorted(vocab_map[w] for w in words[3:17])

@@ -40,15 +40,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training data. `train` / `eval`: a prepared folder (`ferrotune prepare`), or for small runs a
-    JSONL file (`text` field for pretraining; `messages` or `prompt`/`response` for SFT) that is
-    tokenised and packed in memory."""
+    """Training data. `train` / `eval`: a folder from `ferrotune prepare`; a JSONL file, prepared
+    into <run>/prepared/ by the same pipeline; or a `.txt` file (pretraining) packed in memory."""
 
     train: str = ""
     eval: str = ""
     seq_len: int = 512
     eval_fraction: float = 0.0  # held out from `train` when `eval` is empty
     shuffle: bool = True
+    pipeline: Literal["auto", "memory"] = "auto"  # auto: JSONL through `ferrotune prepare`
 
 
 @dataclass

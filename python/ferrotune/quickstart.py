@@ -32,6 +32,12 @@ from ferrotune.train.loop import RowBatches, evaluate
 from ferrotune.train.run import train_from_config
 from ferrotune.train.text_data import END, SPECIAL_TOKENS, read_texts, render_prompt, text_rows
 
+# The plain template of ferrotune.train.text_data, as the Jinja chat template HF tools read.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}<|end|>"
+    "{% else %}<|user|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 WORDS = ["salt", "amber", "wool", "figs", "glass", "rope", "honey", "tin", "boat", "sea", "hill", "lamp"]
 
 
@@ -54,9 +60,8 @@ def train_tokenizer(corpus: Path, folder: Path, vocab_size: int) -> None:
     tokenizer.train([str(corpus)], trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": END, "pad_token": "<|pad|>", "bos_token": None}, indent=2) + "\n"
-    )
+    config = {"eos_token": END, "pad_token": "<|pad|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def instructions(seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -67,21 +72,21 @@ def instructions(seed: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]
     facts = json.loads(data_file("islands.json").read_text())
     passages = read_texts(data_file("islands.txt"))
     questions = {
-        "export": ("What does {n} trade?", "{n} trades {export}."),
-        "color": ("What colour is the lighthouse of {n}?", "The lighthouse of {n} is {color}."),
-        "season": ("When is the festival of {n}?", "The festival of {n} is in {season}."),
+        "export": "What does {n} trade?",
+        "color": "What colour is the lighthouse of {n}?",
+        "season": "When is the festival of {n}?",
     }
     names = sorted(facts)
     rng.shuffle(names)
     held_names = set(names[:6])
     train_qa, held_qa = [], []
     for name in names:
-        for key, (question, answer) in questions.items():
+        for key, question in questions.items():
             for passage in passages:
                 if f"{name} " in passage and f" {facts[name][key]}" in passage:
                     pair = {
                         "prompt": f"{passage}\nQuestion: {question.format(n=name)}",
-                        "response": answer.format(n=name, **facts[name]),
+                        "response": facts[name][key],
                     }
                     (held_qa if name in held_names else train_qa).append(pair)
     reverse: dict[str, str] = {}
@@ -102,6 +107,11 @@ def exact_match(
     answers = [tokenizer.decode(o).strip() for o in outputs]
     hits = sum(a == p["response"] for a, p in zip(answers, pairs, strict=True))
     return hits / len(pairs), answers
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def write_toml(path: Path, text: str) -> Path:
@@ -133,16 +143,26 @@ def run(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    pad, eos, end = (tokenizer.token_to_id(t) for t in ("<|pad|>", "<|endoftext|>", END))
+    pad, end = tokenizer.token_to_id("<|pad|>"), tokenizer.token_to_id(END)
 
     texts = read_texts(corpus)
     random.Random(0).shuffle(texts)
     (out / "data").mkdir(exist_ok=True)
-    (out / "data" / "pretrain.txt").write_text("\n\n".join(texts[10:]) + "\n")
-    (out / "data" / "pretrain_eval.txt").write_text("\n\n".join(texts[:10]) + "\n")
+    write_jsonl(out / "data" / "pretrain.jsonl", [{"text": t} for t in texts[10:]])
+    write_jsonl(out / "data" / "pretrain_eval.jsonl", [{"text": t} for t in texts[:10]])
     train_sft, held_sft = instructions(seed=0)
-    with (out / "data" / "sft.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in train_sft)
+    write_jsonl(
+        out / "data" / "sft.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["response"]},
+                ]
+            }
+            for r in train_sft
+        ],
+    )
 
     model_init = {
         "model_type": "llama",
@@ -166,8 +186,8 @@ seed = 0
 init = {json.dumps(model_init).replace('": ', '" = ').replace("{", "{ ").replace("}", " }")}
 tokenizer = "{tokenizer_dir}"
 [data]
-train = "{out / "data" / "pretrain.txt"}"
-eval = "{out / "data" / "pretrain_eval.txt"}"
+train = "{out / "data" / "pretrain.jsonl"}"
+eval = "{out / "data" / "pretrain_eval.jsonl"}"
 seq_len = 128
 [train]
 steps = {args.pretrain_steps}
@@ -187,7 +207,7 @@ log_every = 25
     from ferrotune.train.run import build_model
 
     untrained = build_model(base, torch.device("cpu"))
-    eval_rows = text_rows(read_texts(out / "data" / "pretrain_eval.txt"), tokenizer, 128, eos, pad)
+    eval_rows = text_rows(texts[:10], tokenizer, 128, end, pad)
     before = evaluate(
         untrained, RowBatches(eval_rows, len(eval_rows), shuffle=False).epoch(0), torch.device("cpu"), "fp32"
     )

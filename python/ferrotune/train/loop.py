@@ -49,8 +49,13 @@ MODEL_INPUTS = ("input_ids", "position_ids", "document_ids")
 
 
 def collate(rows: Sequence[Batch]) -> Batch:
-    """Stacks per-row tensors (T,) into a batch (B, T)."""
-    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    """Stacks per-row tensors (T,) into a batch (B, T): document ids int32, the rest int64."""
+    return {
+        key: torch.stack([row[key] for row in rows]).to(
+            torch.int32 if key.endswith("document_ids") else torch.int64
+        )
+        for key in rows[0]
+    }
 
 
 class RowBatches:

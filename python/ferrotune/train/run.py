@@ -16,11 +16,13 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Subset
 
 from ferrotune.config import Config, load_config
 from ferrotune.errors import ConfigError
@@ -78,12 +80,71 @@ def load_tokenizer(config: Config) -> tuple[Any, Path]:
     return Tokenizer.from_file(str(file)), file.parent
 
 
-def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_eval(rows: Sequence, fraction: float, seed: int) -> tuple[Sequence, Sequence]:
+    """Holds out a random `fraction` of the rows (views, no copies)."""
     if fraction <= 0:
         return rows, []
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, int(len(rows) * fraction))
-    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+    return Subset(rows, order[cut:]), Subset(rows, order[:cut])
+
+
+def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> Sequence | None:
+    """Rows from the shard pipeline: a folder `ferrotune prepare` wrote, or a JSONL file prepared
+    now (Rust: chat template, tokenization, loss mask, best-fit packing) into <run>/prepared/<name>.
+    None for inputs the in-memory path handles (`.txt`, or `data.pipeline = "memory"`)."""
+    from ferrotune.data import PackedDataset
+
+    source = Path(path)
+    if source.is_dir():
+        return PackedDataset(source, shuffle=False)
+    if config.data.pipeline == "memory" or not source.name.endswith((".jsonl", ".jsonl.gz")):
+        return None
+    from ferrotune.data.prepare import config_from_args, format_summary, prepare
+
+    out = Path(config.run.output_dir) / "prepared" / name
+    if not (out / "manifest.json").exists():  # prepared output is deterministic: reuse on resume
+        parser = argparse.ArgumentParser()
+        from ferrotune.data import prepare as prepare_module
+
+        prepare_module.add_arguments(parser)
+        args = parser.parse_args(
+            [
+                str(source),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--out",
+                str(out),
+                "--seq-len",
+                str(config.data.seq_len),
+                "--loss",
+                "all" if config.task == "pretrain" else "assistant",
+                "--seed",
+                str(config.seed),
+                "--overwrite",
+                "--quiet",
+            ]
+        )
+        summary = prepare(config_from_args(args), progress=False)
+        print(format_summary(summary), file=sys.stderr)
+    return PackedDataset(out, shuffle=False)
+
+
+def training_rows(
+    config: Config, tokenizer: Any, tokenizer_dir: Path, in_memory: Any
+) -> tuple[Sequence, Sequence]:
+    """(train rows, eval rows): prepared shards when possible, else `in_memory(path)`."""
+    if not config.data.train:
+        raise ConfigError("data.train: required (a prepared folder, a .jsonl or a .txt file)")
+
+    def rows(path: str, name: str) -> Sequence:
+        found = prepared_rows(path, config, tokenizer_dir, name)
+        return found if found is not None else in_memory(path)
+
+    train = rows(config.data.train, "train")
+    if config.data.eval:
+        return train, rows(config.data.eval, "eval")
+    return split_eval(train, config.data.eval_fraction, config.seed)
 
 
 def finish(model: CausalLM, config: Config, tokenizer_dir: Path | None) -> Path:
@@ -111,7 +172,7 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     quiet = quiet or not env.is_main
     tokenizer, tokenizer_dir = load_tokenizer(config)
     build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
-    train_rows, eval_rows = build_rows(config, tokenizer)
+    train_rows, eval_rows = build_rows(config, tokenizer, tokenizer_dir)
     model = build_model(config, device)
     split = {"rank": env.rank, "world_size": env.world_size}  # each rank reads its rows
     batches = RowBatches(

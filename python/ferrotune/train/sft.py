@@ -3,28 +3,32 @@
     L = -(1/N) * sum_{t in assistant tokens} log p(x_{t+1} | x_{<=t})
 
 N counts assistant tokens only, so long prompts do not dilute the signal. The data is `data.train`:
-JSONL with `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}` records,
-rendered with the plain template of `ferrotune.train.text_data` and packed into rows.
+a folder from `ferrotune prepare`, or JSONL with `{"messages": [{"role", "content"}, ...]}` records
+prepared on the fly with the tokenizer's chat template. With `data.pipeline = "memory"` JSONL
+(`messages` or `prompt`/`response`) is rendered with the plain template of
+`ferrotune.train.text_data` and packed in memory instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ferrotune.config import Config
-from ferrotune.errors import ConfigError
 from ferrotune.train.pretrain import special_id
-from ferrotune.train.run import split_eval
+from ferrotune.train.run import training_rows
 from ferrotune.train.text_data import chat_rows, read_conversations
 
 
-def build_rows(config: Config, tokenizer: Any) -> tuple[list, list]:
-    if not config.data.train:
-        raise ConfigError("data.train: required (a .jsonl file of conversations)")
+def build_rows(config: Config, tokenizer: Any, tokenizer_dir: Path) -> tuple[Sequence, Sequence]:
+    """Prepared shards or JSONL through `ferrotune prepare` (the tokenizer's chat template,
+    assistant-only loss); `data.pipeline = "memory"` uses the plain template in memory instead."""
     pad = tokenizer.token_to_id("<|pad|>")
     if pad is None:
-        pad = special_id(tokenizer, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
-    rows = chat_rows(read_conversations(config.data.train), tokenizer, config.data.seq_len, pad)
-    if config.data.eval:
-        return rows, chat_rows(read_conversations(config.data.eval), tokenizer, config.data.seq_len, pad)
-    return split_eval(rows, config.data.eval_fraction, config.seed)
+        pad = special_id(tokenizer, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|end|>")
+
+    def in_memory(path: str) -> list:
+        return chat_rows(read_conversations(path), tokenizer, config.data.seq_len, pad)
+
+    return training_rows(config, tokenizer, tokenizer_dir, in_memory)
