@@ -256,7 +256,8 @@ def test_prefix_and_prompt_adapters_switch_and_disable(checkpoint) -> None:
         with fp.disable_adapter(model):
             torch.testing.assert_close(model(IDS), base)
         fp.set_active(model, ["pro", "lo"])  # virtual tokens combine with weight adapters
-        both = model(IDS)
+        both = model(IDS)  # the prompt's keys/values now go through the LoRA too
+    torch.testing.assert_close(both, model(IDS).detach())  # cached (no grad) == recomputed
     assert all(not torch.allclose(outs[a], outs[b]) for a, b in (("pre", "pro"), ("pro", "lo")))
     assert not torch.allclose(both, outs["pro"])
     fp.set_active(model, ["pre", "pro"])
@@ -273,3 +274,25 @@ def test_prompt_text_init_uses_the_token_embeddings(checkpoint) -> None:
     )
     prompt = model.prompt_encoders["default"].embedding.weight
     torch.testing.assert_close(prompt, embed[[7, 9, 7, 9, 7]])
+
+
+def test_peft_section_of_a_run_config(checkpoint, tmp_path, capsys) -> None:
+    from ferrotune.config import load_config
+
+    _, folder = checkpoint
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[peft]\nmethod = "dora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }\n'
+    )
+    config = load_config(toml, ["peft.options.dropout=0.1"])
+    model = fp.apply_peft_section(load_model(folder, dtype=torch.float32), config.peft)
+    lora = model.model.layers[0].mlp.down_proj
+    assert lora.is_dora("default") and lora.rank["default"] == 4 and lora.lora_dropout["default"].p == 0.1
+    assert "peft dora: trainable params:" in capsys.readouterr().err
+    none = load_config(None)
+    plain = load_model(folder, dtype=torch.float32)
+    assert fp.apply_peft_section(plain, none.peft) is plain
+    with pytest.raises(ConfigError, match=r"peft\.options\.rank: not an option of 'lora'"):
+        fp.apply_peft_section(plain, load_config(None, ["peft.method=lora", "peft.options.rank=4"]).peft)
+    with pytest.raises(ConfigError, match=r"peft\.method: 'lorra' is not one of"):
+        fp.apply_peft_section(plain, load_config(None, ["peft.method=lorra"]).peft)
