@@ -27,6 +27,7 @@ import torch
 
 from ferrotune.config import Config, to_dict
 from ferrotune.errors import ConfigError, FormatError
+from ferrotune.train.alignment import has_adapters
 from ferrotune.train.loop import TrainResult, resolve_device
 from ferrotune.train.pretrain import special_id
 from ferrotune.train.run import Outcome, build_model, finish, load_tokenizer, split_eval
@@ -93,6 +94,10 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     model = build_model(config, device)
+    if config.peft.method:
+        from ferrotune.peft import apply_peft_section
+
+        model = apply_peft_section(model, config.peft, tokenizer=tokenizer, quiet=quiet)
     eos, pad = _special_ids(config, tokenizer, model.config)
     common = dict(run_dir=run_dir, log_every=config.run.log_every, seed=config.seed, quiet=quiet)
     task = config.task
@@ -134,6 +139,10 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
             eval_pairs=eval_pairs or None,
             **common,
         )
+        if has_adapters(model):
+            from ferrotune.peft import merge_and_unload
+
+            merge_and_unload(model)  # the reward model ships as one HF checkpoint
         final = save_reward_model(reward_model, run_dir / "final")
         finish_tokenizer(tokenizer_dir, final)
         history = [{"loss": evaluation["loss"]}]
@@ -145,7 +154,7 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
         history = train_preference(
             model, pairs, method, config.train, seq_len=config.data.seq_len, pad_id=pad, **common
         )
-        final = finish(model, config, tokenizer_dir)
+        final = save_policy(model, config, tokenizer_dir)
         summary = {"final_" + k: v for k, v in history[-1].items() if k != "step"}
         if eval_pairs:
             summary["eval_logp_margin"] = logp_margin(
@@ -177,7 +186,7 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
             history = train_grpo(
                 model, prompts, reward_fn, grpo, config.train, stop_tokens=[eos], pad_id=pad, **common
             )
-        final = finish(model, config, tokenizer_dir)
+        final = save_policy(model, config, tokenizer_dir)
         summary = {"first_reward": history[0]["reward"], "final_reward": history[-1]["reward"]}
 
     summary = {"task": task, "steps": config.train.steps, **summary}
@@ -189,6 +198,21 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
     if not quiet:
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return Outcome(result, final, model)
+
+
+def save_policy(model: Any, config: Config, tokenizer_dir: Path | None) -> Path:
+    """The trained policy in <run>/final: an HF checkpoint after full fine-tuning; with PEFT, the
+    policy adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    if not has_adapters(model):
+        return finish(model, config, tokenizer_dir)
+    from ferrotune.peft import adapter_names, save_adapter
+
+    final = Path(config.run.output_dir) / "final"
+    save_adapter(
+        model, str(final), adapter_names(model)[0], base_model_name_or_path=config.model.path or None
+    )
+    finish_tokenizer(tokenizer_dir, final)
+    return final
 
 
 def finish_tokenizer(tokenizer_dir: Path | None, final: Path) -> None:
