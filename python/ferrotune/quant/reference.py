@@ -18,8 +18,12 @@ Double quantization: `offset = mean(absmax)`, then `absmax - offset` in blocks o
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 FLT_MIN = torch.finfo(torch.float32).tiny
@@ -145,6 +149,28 @@ def reciprocal(a: torch.Tensor) -> torch.Tensor:
     return ftz(1.0 / ftz(a))
 
 
+_RCP_DELTA_FILE = Path(__file__).with_name("rcp_approx_delta.bin")
+
+
+@functools.cache
+def _rcp_approx_delta() -> torch.Tensor:
+    """(2^23,) int32: the GPU's approximate reciprocal minus the correctly rounded one, in ulps,
+    per fp32 mantissa (dumped from an H200 by bench/rcp_table_dump.py; 2 bits each on disk)."""
+    packed = torch.from_numpy(np.fromfile(_RCP_DELTA_FILE, dtype=np.uint8)).to(torch.int32)
+    codes = torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).reshape(-1)
+    return torch.where(codes == 1, 1, torch.where(codes == 2, -1, 0)).to(torch.int32)
+
+
+def reciprocal_approx(a: torch.Tensor) -> torch.Tensor:
+    """`rcp.approx.ftz.f32(a)` as the 4-bit quantize kernel computes 1/absmax under fast math:
+    the correctly rounded reciprocal moved by the measured ulp difference of a's mantissa."""
+    exact = reciprocal(a)
+    normal = torch.isfinite(exact) & (exact.abs() >= FLT_MIN)
+    mantissa = (ftz(a).view(torch.int32) & 0x007FFFFF).long()
+    moved = (exact.view(torch.int32) + _rcp_approx_delta()[mantissa]).view(torch.float32)
+    return torch.where(normal, ftz(moved), exact)
+
+
 def codes_4bit(p: torch.Tensor, quant_type: str) -> torch.Tensor:
     """Scaled values -> 4-bit codes (uint8)."""
     if quant_type == "nf4":
@@ -161,7 +187,7 @@ def quantize_4bit(
     x = a.detach().reshape(-1).to(torch.float32)
     n = x.numel()
     absmax = block_absmax(x, blocksize)  # (blocks,)
-    inv = reciprocal(absmax)
+    inv = reciprocal_approx(absmax)
     padded = torch.zeros(absmax.numel() * blocksize, dtype=torch.float32)
     padded[:n] = x
     p = ftz(ftz(padded).view(-1, blocksize) * inv[:, None]).reshape(-1)  # (blocks * blocksize,)
