@@ -8,7 +8,7 @@ GB/s of output for both, wall-clock medians over --reps timed calls after a warm
 and the same figures per CPU-second (process time), which are steadier on a shared machine.
 Also checks, before timing, that both produce the same bytes on these (regular) inputs.
 
-    PYTHONPATH=python python bench/nf4_bench.py --reps 5
+    PYTHONPATH=python python bench/nf4_bench.py --reps 5 [--one-thread]
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ def timeit(fn, reps: int) -> tuple[list[float], list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--one-thread", action="store_true", help="both on one core (a steadier per-core ratio)")
     args = ap.parse_args()
+    if args.one_thread:
+        os.environ["RAYON_NUM_THREADS"] = "1"  # read when the native thread pool starts (first call)
+        torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     results = []
     for shape in [(4096, 4096), (4096, 14336)]:
@@ -97,6 +101,7 @@ def main() -> None:
             {
                 "bench": "nf4_cpu",
                 "reps": args.reps,
+                "one_thread": args.one_thread,
                 "nproc": os.cpu_count(),
                 "loadavg": load,
                 "torch_threads": torch.get_num_threads(),

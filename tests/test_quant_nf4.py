@@ -238,3 +238,12 @@ def test_bad_arguments_are_rejected() -> None:
         B.quantize_4bit(torch.zeros(64), 64, "int4")
     with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
         B.quantize_4bit(torch.zeros(64, dtype=torch.int32))
+
+
+def test_quantized_tensors_reach_torch_without_a_copy() -> None:
+    from ferrotune import _native
+
+    w = torch.randn(64, 64, dtype=torch.bfloat16)
+    packed, absmax = _native.quantize_4bit(w.view(-1).view(torch.uint8).numpy(), "BF16", 64, "nf4")
+    assert torch.from_dlpack(packed).data_ptr() == packed.data_ptr
+    assert torch.from_dlpack(absmax).data_ptr() == absmax.data_ptr

@@ -194,3 +194,19 @@ def test_lora_trains_on_a_4bit_base(checkpoints: dict[str, Path]) -> None:
     assert losses[-1] < losses[0]
     for n, b in model.named_buffers():
         assert torch.equal(b, frozen[n]), n
+
+
+def test_bnb_state_dict_round_trips_the_checkpoint_bytes(checkpoints: dict[str, Path]) -> None:
+    """A layer loaded from `ferrotune quantize` output gives back bitsandbytes' tensors, byte for byte."""
+    from safetensors import safe_open
+
+    model = load_nf4_model(checkpoints["ours"])
+    stored = {}
+    for file in checkpoints["ours"].glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            stored.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (not a Mapping)
+    prefix = "model.layers.1.mlp.down_proj."
+    ours = model.get_submodule(prefix[:-1]).bnb_state_dict(prefix)
+    assert sorted(ours) == sorted(k for k in stored if k.startswith(prefix))
+    for key, value in ours.items():
+        assert torch.equal(value, stored[key]), key

@@ -260,12 +260,30 @@ impl Element for half::bf16 {
 impl Element for half::f16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
+        f16_bits_to_f32(self.to_bits())
     }
 }
 
+/// Exact fp16 -> fp32 without branches (so loops over it vectorize): the exponent and mantissa
+/// moved into fp32's fields and scaled by 2^112 re-bias normal and subnormal values alike;
+/// infinities and NaNs take the all-ones exponent.
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let exp_mantissa = (h & 0x7FFF) << 13;
+    let scaled = f32::from_bits(exp_mantissa) * f32::from_bits(0x7780_0000); // * 2^112
+    let special = f32::from_bits(exp_mantissa | 0x7F80_0000);
+    let magnitude = if h & 0x7C00 == 0x7C00 {
+        special
+    } else {
+        scaled
+    };
+    f32::from_bits(magnitude.to_bits() | sign)
+}
+
 /// An element type the dequantizer writes (rounding from fp32 to nearest even).
-pub trait OutElement: Copy + Send + Sync + Default + 'static {
+pub trait OutElement: Copy + Send + Sync + Default + Zeroable + 'static {
     fn from_f32(x: f32) -> Self;
 }
 
@@ -315,14 +333,34 @@ pub struct Quantized4bit {
     pub absmax: Vec<f32>,
 }
 
-/// A zeroed vector for a large output; on Linux its pages are asked to be huge pages before they
-/// are first touched, so filling it takes hundreds of times fewer page faults.
-pub fn output_vec<T: Copy + Default>(n: usize) -> Vec<T> {
-    let v = vec![T::default(); n];
+/// Element types whose all-zero bit pattern is a valid value (zero).
+pub trait Zeroable: Copy {}
+impl Zeroable for u8 {}
+impl Zeroable for f32 {}
+impl Zeroable for half::bf16 {}
+impl Zeroable for half::f16 {}
+
+/// A zeroed vector for a large output, allocated zeroed (untouched pages, not a fill pass); on
+/// Linux its pages are asked to be huge pages before they are first touched, so filling it takes
+/// hundreds of times fewer page faults.
+pub fn output_vec<T: Zeroable>(n: usize) -> Vec<T> {
+    let layout = std::alloc::Layout::array::<T>(n).expect("output size overflows");
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout is non-empty; zero bits are a valid T (Zeroable); the vector takes
+    // ownership of exactly this allocation with the same layout.
+    let v = unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout);
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr.cast::<T>(), n, n)
+    };
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
-        let bytes = n * std::mem::size_of::<T>();
+        let bytes = layout.size();
         if bytes >= 4 * HUGE {
             let start = (v.as_ptr() as usize).div_ceil(HUGE) * HUGE;
             let end = (v.as_ptr() as usize + bytes) / HUGE * HUGE;
@@ -1018,6 +1056,19 @@ mod tests {
         let back = dequantize_nested(&n.codes, &n.absmax, &dynamic_map_signed(), n.offset).unwrap();
         for (a, b) in absmax.iter().zip(&back) {
             assert!((a - b).abs() < 2e-4, "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn f16_conversion_is_exact_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let ours = f16_bits_to_f32(bits);
+            let theirs = half::f16::from_bits(bits).to_f32();
+            if theirs.is_nan() {
+                assert!(ours.is_nan(), "{bits:#x}");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{bits:#x}");
+            }
         }
     }
 
