@@ -7,9 +7,9 @@
 //! - **Best-fit-decreasing** ([`BfdPacker`], the default): units are gathered in windows of about
 //!   `window_tokens` tokens, sorted by size (largest first) and each put into the open row whose
 //!   free space is the smallest that still fits it ([`best_fit_decreasing`]; a bitset over free
-//!   capacities finds that row in O(seq_len/64)). Rows still fairly empty after a window are
-//!   carried into the next one, so windowing costs almost nothing against a global BFD while memory
-//!   stays bounded by the window.
+//!   capacities finds that row in O(seq_len/64)). The units of rows a window leaves not full go
+//!   back into the pool and are packed again with the next window, so windowing costs (almost)
+//!   nothing against one global BFD while memory stays bounded by the window.
 //! - **Greedy** ([`GreedyPacker`]): concatenate and chunk; a document crossing a row end continues
 //!   in the next row as a new fragment (positions restart), the last row is padded.
 //! - **None**: one unit per row.
@@ -278,20 +278,19 @@ impl Rng {
     }
 }
 
-/// Streaming best-fit-decreasing over windows, carrying under-filled rows between windows.
+/// Streaming best-fit-decreasing over windows; units of rows left not full go back to the pool.
 pub struct BfdPacker {
     seq_len: usize,
     window_tokens: usize,
     max_carried_rows: usize,
     pending: Vec<Unit>,
     pending_tokens: usize,
-    carried: Vec<Row>,
     rng: Rng,
 }
 
 impl BfdPacker {
-    /// `window_tokens` bounds the tokens held before a window is packed; up to `max_carried_rows`
-    /// rows with free space are kept open for the next window.
+    /// `window_tokens` bounds the tokens held before a window is packed; the units of up to
+    /// `max_carried_rows` rows that are not full return to the pool for the next window.
     pub fn new(seq_len: usize, window_tokens: usize, max_carried_rows: usize, seed: u64) -> Self {
         BfdPacker {
             seq_len,
@@ -299,7 +298,6 @@ impl BfdPacker {
             max_carried_rows,
             pending: Vec::new(),
             pending_tokens: 0,
-            carried: Vec::new(),
             rng: Rng::new(seed),
         }
     }
@@ -326,16 +324,10 @@ impl BfdPacker {
 
     fn pack_window(&mut self, last: bool) -> Vec<Row> {
         let cap = self.seq_len as u32;
-        let open_free: Vec<u32> = self
-            .carried
-            .iter()
-            .map(|r| cap - r.tokens() as u32)
-            .collect();
         let sizes: Vec<u32> = self.pending.iter().map(|u| u.size() as u32).collect();
-        let assignment = best_fit_decreasing(&open_free, &sizes, cap);
+        let assignment = best_fit_decreasing(&[], &sizes, cap);
         let n_rows = assignment.iter().copied().max().map_or(0, |m| m + 1);
-        let mut rows = std::mem::take(&mut self.carried);
-        rows.resize_with(n_rows.max(rows.len()), Row::default);
+        let mut rows: Vec<Row> = (0..n_rows).map(|_| Row::default()).collect();
         // Units enter their rows in decreasing size, as the algorithm placed them.
         let mut order: Vec<usize> = (0..sizes.len()).collect();
         order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
@@ -347,19 +339,36 @@ impl BfdPacker {
         }
         self.pending_tokens = 0;
         if !last {
-            // Keep the emptiest rows open (at most max_carried_rows, and only if they have at
-            // least 1/64 of a row free).
-            let min_free = (self.seq_len / 64).max(1);
-            let mut by_free: Vec<usize> = (0..rows.len())
-                .filter(|&r| self.seq_len - rows[r].tokens() >= min_free)
+            // The rows that are not full (at most max_carried_rows, emptiest first) go back to
+            // the pool: their units are packed again with the next window.
+            let mut not_full: Vec<usize> = (0..rows.len())
+                .filter(|&r| rows[r].tokens() < self.seq_len)
                 .collect();
-            by_free.sort_by_key(|&r| (std::cmp::Reverse(self.seq_len - rows[r].tokens()), r));
-            by_free.truncate(self.max_carried_rows);
-            by_free.sort_unstable();
-            for &r in by_free.iter().rev() {
-                self.carried.push(rows.swap_remove(r));
+            not_full.sort_by_key(|&r| (rows[r].tokens(), r));
+            not_full.truncate(self.max_carried_rows);
+            // ... and never more than half a window, so every window brings new units.
+            let mut budget = self.window_tokens / 2;
+            let keep = not_full
+                .iter()
+                .take_while(|&&r| {
+                    let t = rows[r].tokens();
+                    let fits = t <= budget;
+                    budget = budget.saturating_sub(t);
+                    fits
+                })
+                .count();
+            not_full.truncate(keep);
+            not_full.sort_unstable();
+            let mut returned = Vec::new();
+            for &r in not_full.iter().rev() {
+                returned.push(rows.swap_remove(r));
             }
-            self.carried.reverse();
+            for row in returned.into_iter().rev() {
+                for unit in row.units {
+                    self.pending_tokens += unit.size();
+                    self.pending.push(unit);
+                }
+            }
         }
         self.rng.shuffle(&mut rows);
         rows
@@ -442,7 +451,7 @@ mod tests {
             );
         }
 
-        /// Windowed BFD with carried rows keeps every token, never overfills a row, and uses at
+        /// Windowed BFD with returned units keeps every token, never overfills a row, and uses at
         /// most a handful more rows than one global BFD.
         #[test]
         fn windowed_bfd_is_close_to_global(sizes in proptest::collection::vec(1usize..=64, 1..400)) {

@@ -4,8 +4,8 @@
 //! a reader thread hands out batches of lines (about `batch_bytes` each); the calling thread
 //! parses, templates, tokenizes and masks each batch on every core (rayon, order kept); a packer
 //! thread packs units into rows and writes a shard every `rows_per_shard` rows. Peak memory is
-//! roughly `4 * batch_bytes` of text + the packing window (`window_tokens` * ~6 bytes) + carried
-//! rows + one shard buffer (`rows_per_shard * seq_len * 16` bytes per lane).
+//! roughly `4 * batch_bytes` of text + the packing window (`window_tokens` * ~6 bytes, plus up to
+//! half a window of units returned from rows left not full) + one shard buffer (`rows_per_shard * seq_len * 16` bytes per lane).
 //!
 //! Everything is written into a temporary sibling folder that is renamed onto the output only
 //! when complete; on an error or cancellation (Ctrl-C) it is removed, so no half-written output
