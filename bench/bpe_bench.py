@@ -4,9 +4,15 @@
 Encodes every document of `raw.jsonl` (from ../shared/bench/make_corpus.py) with HF
 `Tokenizer.encode_batch` and with `ferrotune._native.FastBpe.encode_batch_flat`, asserts that every
 document's ids are identical, and prints one JSON line with tokens/s for both (best of --reps,
-each timed from Python strings in to ids out; ids exclude BOS/EOS).
+each timed from Python strings in to ids out; ids exclude BOS/EOS). Also reported: CPU seconds
+(user + system of the process), since wall time on a shared machine depends on its load.
 
     python bench/bpe_bench.py --data /tmp/corpus [--tokenizer PATH] [--reps 3]
+
+--family llama3|qwen2 instead trains a 32k tokenizer of that family (Llama 3 split regex with
+ignore_merges, or NFC + Qwen2 regex) on the first 12 MB of the corpus, as make_corpus.py trains
+its GPT-2 style one. --chatml encodes chat.jsonl rendered as ChatML text, so special tokens sit
+inside every document.
 """
 
 from __future__ import annotations
@@ -30,6 +36,48 @@ def read_texts(path: str, field: str, limit: int | None) -> list[str]:
     return texts
 
 
+def read_chatml(path: str, limit: int | None) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            messages = json.loads(line)["messages"]
+            texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages))
+            if limit and len(texts) >= limit:
+                break
+    return texts
+
+
+def train_family(family: str, raw_path: str, out_path: str):
+    """A 32k byte-level BPE of `family`, trained like make_corpus.py trains its tokenizer."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import bpe_builders
+
+    pattern = {"llama3": bpe_builders.LLAMA3_PATTERN, "qwen2": bpe_builders.QWEN2_PATTERN}[family]
+    tok = Tokenizer(models.BPE(ignore_merges=family == "llama3"))
+    if family == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=32000,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(read_texts(raw_path, "text", None)[:1600], trainer=trainer)
+    data = json.loads(tok.to_str())
+    data["model"]["ignore_merges"] = family == "llama3"
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -48,6 +96,8 @@ def main() -> int:
     ap.add_argument("--field", default="text")
     ap.add_argument("--limit", type=int, default=None, help="only the first N documents")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--family", choices=["llama3", "qwen2"], default=None, help="train this tokenizer family")
+    ap.add_argument("--chatml", action="store_true", help="encode chat.jsonl rendered as ChatML")
     args = ap.parse_args()
 
     import numpy as np
@@ -56,7 +106,14 @@ def main() -> int:
     from tokenizers import Tokenizer
 
     tok_path = args.tokenizer or os.path.join(args.data, "tokenizer.json")
-    texts = read_texts(os.path.join(args.data, args.file), args.field, args.limit)
+    if args.family:
+        tok_path = os.path.join(args.data, f"tokenizer_{args.family}.json")
+        if not os.path.exists(tok_path):
+            train_family(args.family, os.path.join(args.data, "raw.jsonl"), tok_path)
+    if args.chatml:
+        texts = read_chatml(os.path.join(args.data, "chat.jsonl"), args.limit)
+    else:
+        texts = read_texts(os.path.join(args.data, args.file), args.field, args.limit)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     print(f"{len(texts)} documents, {n_bytes / 1e6:.1f} MB", file=sys.stderr)
 
@@ -66,16 +123,22 @@ def main() -> int:
         print(json.dumps({"bench": "bpe", "error": f"{tok_path}: not supported by FastBpe"}))
         return 1
 
-    hf_times, fast_times = [], []
+    hf_times, fast_times, hf_cpu, fast_cpu = [], [], [], []
     hf_ids: list[list[int]] = []
     for rep in range(args.reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         hf_ids = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
         hf_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        hf_cpu.append(time.process_time() - c0)
+        c0, t0 = time.process_time(), time.perf_counter()
         ids_t, offsets_t = fast.encode_batch_flat(texts)
         fast_times.append(time.perf_counter() - t0)
-        print(f"rep {rep}: hf {hf_times[-1]:.2f} s, fast {fast_times[-1]:.2f} s", file=sys.stderr)
+        fast_cpu.append(time.process_time() - c0)
+        print(
+            f"rep {rep}: hf {hf_times[-1]:.2f} s (cpu {hf_cpu[-1]:.2f} s), "
+            f"fast {fast_times[-1]:.2f} s (cpu {fast_cpu[-1]:.2f} s)",
+            file=sys.stderr,
+        )
 
     # Every document, token for token.
     ids = torch.from_dlpack(ids_t).numpy().astype(np.int64)
@@ -96,6 +159,8 @@ def main() -> int:
         "commit": git_commit(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "tokenizer": tok_path,
+        "text": "chat.jsonl as ChatML" if args.chatml else args.file,
+        "load_average_1min": round(os.getloadavg()[0], 1),
         "documents": len(texts),
         "text_mb": round(n_bytes / 1e6, 2),
         "tokens": n_tokens,
@@ -106,6 +171,10 @@ def main() -> int:
         "fast_encode_batch_s": round(fast_best, 3),
         "fast_tokens_per_s": round(n_tokens / fast_best),
         "speedup": round(hf_best / fast_best, 2),
+        "hf_cpu_s": round(min(hf_cpu), 3),
+        "hf_tokens_per_cpu_s": round(n_tokens / min(hf_cpu)),
+        "fast_cpu_s": round(min(fast_cpu), 3),
+        "fast_tokens_per_cpu_s": round(n_tokens / min(fast_cpu)),
         "reps": args.reps,
     }
     print(json.dumps(out))

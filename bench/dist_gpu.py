@@ -5,6 +5,8 @@ Cases (random-init weights, random token ids, AdamW, the same global batch at ev
            adapter fp32 master weights, gradient checkpointing; global batch 8 x 2048
   full1b   full fine-tuning of the Llama-3.2-1B shape (tied embeddings), fp32 master weights,
            bf16 compute, fp32 gradient reduction; global batch 16 x 2048
+  qlora8b  (optional) lora8b over NF4 base weights (double quantization): the 4-bit codes are
+           sharded by FSDP like any weight
 
 Each rank takes rows rank, rank+W, ... of every global batch and accumulates micro-batches of
 `--micro-batch` rows, so a GPU does the same work per micro-batch at every world size; the loss is
@@ -69,9 +71,11 @@ TINY = dict(
 # case -> (shape, method, global batch rows, gradient checkpointing)
 CASES = {
     "lora8b": (L8B, "lora", 8, True),
+    "qlora8b": (L8B, "qlora", 8, True),
     "full1b": (L1B, "full", 16, False),
     "tiny_lora": (TINY, "lora", 8, True),
     "tiny_full": (TINY, "full", 8, False),
+    "tiny_qlora": (TINY, "qlora", 8, True),
 }
 
 
@@ -109,10 +113,14 @@ def build(shape: dict, method: str, device: torch.device) -> CausalLM:
     config = LlamaConfig(**shape)
     with torch.device("meta"):
         model = CausalLM(config)
-    model.to(dtype=torch.bfloat16 if method == "lora" else torch.float32)
+    model.to(dtype=torch.float32 if method == "full" else torch.bfloat16)
     model.to_empty(device=device)
     model.init_weights(std=0.02, generator=torch.Generator(device).manual_seed(0))
-    if method == "lora":
+    if method == "qlora":
+        from ferrotune.quant.nf4 import quantize_linears
+
+        quantize_linears(model, device=device)  # NF4 + double quantization, all but lm_head
+    if method in ("lora", "qlora"):
         torch.manual_seed(1)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         apply_peft(model, LoraConfig(r=16, alpha=32, target_modules=targets))

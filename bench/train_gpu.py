@@ -196,6 +196,8 @@ CASES = {
     ),
     "lora8b_compiled": lambda: train_case("lora8b_compiled", L8B, "lora", 4, 2048, True, compile_blocks=True),
     "qlora8b": lambda: train_case("qlora8b", L8B, "qlora", 4, 2048, True),
+    "qlora8b_sel27": lambda: train_case("qlora8b_sel27", L8B, "qlora", 4, 2048, True, checkpointed=27),
+    "qlora8b_sel28": lambda: train_case("qlora8b_sel28", L8B, "qlora", 4, 2048, True, checkpointed=28),
     "full1b": lambda: train_case("full1b", L1B, "full", 8, 2048, False),
     "lora8b_varlen": lambda: train_case("lora8b_varlen", L8B, "lora", 8, 2048, True, varlen=True),
     "lora8b_16k": lambda: train_case("lora8b_16k", L8B, "lora", 1, 16384, True, steps=3, warm=1),

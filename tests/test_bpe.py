@@ -132,3 +132,21 @@ def test_malformed_file_names_file_and_field(tmp_path):
     path.write_text(unsupported(lambda d: d["model"].update(merges=["a b c"])))
     with pytest.raises(FormatError, match=r"tokenizer\.json.*model\.merges\[0\]"):
         FastBpe.from_file(path)
+
+
+def test_nfc_matches_on_every_bmp_and_smp_code_point():
+    """NFC must compose and reorder exactly as HF's (old-Unicode) tables do, newly assigned
+    characters included: each code point next to itself, its successor and a combining mark."""
+    hf = bpe_builders.qwen2(vocab_size=400)
+    fast = FastBpe.from_str(hf.to_str())
+    assert fast is not None
+    points = [c for c in range(0x20000) if not 0xD800 <= c <= 0xDFFF]
+    chars = [chr(c) for c in points]
+    texts = [
+        " ".join(
+            f"a{chars[j]}{chars[j]}{chars[(j + 1) % len(chars)]}\u0334{chars[j]}\u0301"
+            for j in range(i, min(i + 4096, len(chars)))
+        )
+        for i in range(0, len(chars), 4096)
+    ]
+    assert fast.encode_batch(texts) == hf_ids(hf, texts)

@@ -287,39 +287,46 @@ def test_fsdp_qlora_offload_hsdp_ddp_match_single_process(tmp_path):
 
 def job_checkpoint(env: fd.DistEnv, out: str) -> None:
     """Uninterrupted: 2 steps, save, 2 more. Resumed: a fresh model loads the checkpoint and runs
-    the same 2 steps."""
+    the same 2 steps. Full fine-tuning and LoRA (whose checkpoint holds the adapter only)."""
     batches = global_batches()
-    model = fd.wrap_model(TinyDecoder("full"), env, "fsdp")
-    optimizer, params = make_optimizer(model)
-    train_steps(model, optimizer, env, batches[:2], params)
-    fd.save_sharded(os.path.join(out, "ckpt"), model, env, optimizer, {"step": 2})
-    straight = train_steps(model, optimizer, env, batches[2:4], params)
-    _record(env, out, "straight", model, straight)
+    for method in ("full", "lora"):
+        model = fd.wrap_model(TinyDecoder(method), env, "fsdp")
+        optimizer, params = make_optimizer(model)
+        train_steps(model, optimizer, env, batches[:2], params)
+        fd.save_sharded(os.path.join(out, f"ckpt-{method}"), model, env, optimizer, {"step": 2})
+        straight = train_steps(model, optimizer, env, batches[2:4], params)
+        _record(env, out, f"straight-{method}", model, straight)
 
-    model = fd.wrap_model(TinyDecoder("full"), env, "fsdp")
-    optimizer, params = make_optimizer(model)
-    assert fd.load_sharded(os.path.join(out, "ckpt"), model, env, optimizer) == {"step": 2}
-    resumed = train_steps(model, optimizer, env, batches[2:4], params)
-    _record(env, out, "resumed", model, resumed)
+        model = fd.wrap_model(TinyDecoder(method), env, "fsdp")
+        optimizer, params = make_optimizer(model)
+        assert fd.load_sharded(os.path.join(out, f"ckpt-{method}"), model, env, optimizer) == {"step": 2}
+        resumed = train_steps(model, optimizer, env, batches[2:4], params)
+        _record(env, out, f"resumed-{method}", model, resumed)
 
 
 def test_sharded_checkpoint_resumes_on_2_ranks_and_on_1(tmp_path):
     out = run_ranks("job_checkpoint", tmp_path)
-    straight = read_json(os.path.join(out, "straight.rank0.json"))
-    resumed = read_json(os.path.join(out, "resumed.rank0.json"))
-    assert resumed == pytest.approx(straight, rel=1e-6)
-    final = load_file(os.path.join(out, "straight.safetensors"))
-    _assert_close_states(load_file(os.path.join(out, "resumed.safetensors")), final, atol=1e-6)
-    assert read_json(os.path.join(out, "ckpt", "progress.json"))["world_size"] == 2
+    for method in ("full", "lora"):
+        straight = read_json(os.path.join(out, f"straight-{method}.rank0.json"))
+        resumed = read_json(os.path.join(out, f"resumed-{method}.rank0.json"))
+        assert resumed == pytest.approx(straight, rel=1e-6)
+        final = load_file(os.path.join(out, f"straight-{method}.safetensors"))
+        _assert_close_states(load_file(os.path.join(out, f"resumed-{method}.safetensors")), final, atol=1e-6)
+        ckpt = os.path.join(out, f"ckpt-{method}")
+        assert read_json(os.path.join(ckpt, "progress.json"))["world_size"] == 2
+        metadata = fd.read_checkpoint_metadata(ckpt).state_dict_metadata
+        saved = {name for name in metadata if name.startswith("model.")}
+        trainable = {f"model.{n}" for n, p in TinyDecoder(method).named_parameters() if p.requires_grad}
+        assert saved == trainable  # the adapter alone for LoRA: the frozen base is not copied
 
-    # One process, no process group, plain model: the 2-rank checkpoint resharded onto 1 rank.
-    env = fd.DistEnv()
-    model = TinyDecoder("full")
-    optimizer, params = make_optimizer(model)
-    assert fd.load_sharded(os.path.join(out, "ckpt"), model, env, optimizer)["step"] == 2
-    one_rank = train_steps(model, optimizer, env, global_batches()[2:4], params)
-    assert one_rank == pytest.approx(straight, rel=1e-5)
-    _assert_close_states(dict(model.state_dict()), final)
+        # One process, no process group, plain model: the 2-rank checkpoint resharded onto 1 rank.
+        env = fd.DistEnv()
+        model = TinyDecoder(method)
+        optimizer, params = make_optimizer(model)
+        assert fd.load_sharded(ckpt, model, env, optimizer)["step"] == 2
+        one_rank = train_steps(model, optimizer, env, global_batches()[2:4], params)
+        assert one_rank == pytest.approx(straight, rel=1e-5)
+        _assert_close_states(dict(model.state_dict()), final)
 
 
 def test_checkpoint_metadata_cannot_run_code(tmp_path):
@@ -636,6 +643,7 @@ init = {{ vocab_size = 320, hidden_size = 32, intermediate_size = 48, num_hidden
 [data]
 train = "{corpus}"
 seq_len = 32
+eval_fraction = 0.25
 [train]
 steps = 3
 batch_size = 2
@@ -686,9 +694,13 @@ def test_torchrun_ferrotune_train_fsdp_equals_one_process(tmp_path):
 
     def losses(run: str) -> list[float]:
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines if "loss" in line]
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
     assert losses("two") == pytest.approx(one.result.losses, rel=1e-5) and len(one.result.losses) == 3
+    evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    two_eval = [r for r in evals if "eval_loss" in r][-1]
+    assert two_eval["eval_loss"] == pytest.approx(one.result.eval["eval_loss"], rel=1e-5)
+    assert two_eval["eval_tokens"] == one.result.eval["eval_tokens"] > 0  # both ranks' rows counted
     _assert_close_states(
         load_file(tmp_path / "two" / "final" / "model.safetensors"),
         load_file(tmp_path / "one" / "final" / "model.safetensors"),

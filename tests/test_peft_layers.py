@@ -311,7 +311,7 @@ def test_targets_follow_peft_rules() -> None:
         fp.apply_peft(Tiny(), fp.LoraConfig(target_modules=["o_proj"]))
     with pytest.raises(ConfigError, match="not one of"):
         fp.config_from_dict("loha")
-    with pytest.raises(ConfigError, match=r"peft\.rank"):
+    with pytest.raises(ConfigError, match=r"peft\.options\.rank"):
         fp.config_from_dict("lora", {"rank": 4})
     assert fp.config_from_dict("dora", {"r": 4}).use_dora
 

@@ -6,6 +6,7 @@ rows, KV-cache generation and gradient checkpointing for every method; bottlenec
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import ferrotune.peft as fp
@@ -256,7 +257,8 @@ def test_prefix_and_prompt_adapters_switch_and_disable(checkpoint) -> None:
         with fp.disable_adapter(model):
             torch.testing.assert_close(model(IDS), base)
         fp.set_active(model, ["pro", "lo"])  # virtual tokens combine with weight adapters
-        both = model(IDS)
+        both = model(IDS)  # the prompt's keys/values now go through the LoRA too
+    torch.testing.assert_close(both, model(IDS).detach())  # cached (no grad) == recomputed
     assert all(not torch.allclose(outs[a], outs[b]) for a, b in (("pre", "pro"), ("pro", "lo")))
     assert not torch.allclose(both, outs["pro"])
     fp.set_active(model, ["pre", "pro"])
@@ -273,3 +275,82 @@ def test_prompt_text_init_uses_the_token_embeddings(checkpoint) -> None:
     )
     prompt = model.prompt_encoders["default"].embedding.weight
     torch.testing.assert_close(prompt, embed[[7, 9, 7, 9, 7]])
+
+
+def test_peft_section_of_a_run_config(checkpoint, tmp_path, capsys) -> None:
+    from ferrotune.config import load_config
+
+    _, folder = checkpoint
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        '[peft]\nmethod = "dora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }\n'
+    )
+    config = load_config(toml, ["peft.options.dropout=0.1"])
+    model = fp.apply_peft_section(load_model(folder, dtype=torch.float32), config.peft)
+    lora = model.model.layers[0].mlp.down_proj
+    assert lora.is_dora("default") and lora.rank["default"] == 4 and lora.lora_dropout["default"].p == 0.1
+    assert "peft dora: trainable params:" in capsys.readouterr().err
+    none = load_config(None)
+    plain = load_model(folder, dtype=torch.float32)
+    assert fp.apply_peft_section(plain, none.peft) is plain
+    with pytest.raises(ConfigError, match=r"peft\.options\.rank: not an option of 'lora'"):
+        fp.apply_peft_section(plain, load_config(None, ["peft.method=lora", "peft.options.rank=4"]).peft)
+    with pytest.raises(ConfigError, match=r"peft\.method: 'lorra' is not one of"):
+        fp.apply_peft_section(plain, load_config(None, ["peft.method=lorra"]).peft)
+
+
+def test_ferrotune_train_with_a_peft_section(checkpoint, tmp_path, capsys) -> None:
+    """`ferrotune train` with `[peft]`: prints the trainable share, trains only the adapter and
+    writes PEFT's files, which HF PEFT loads over the transformers model with our logits."""
+    from ferrotune.cli import main
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf, folder = checkpoint
+    text = "the boat sails to the island and the keeper lights the lamp on the hill by the sea"
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(
+        [text], trainers.WordLevelTrainer(special_tokens=["<unk>", "<|endoftext|>"])
+    )
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() <= VOCAB
+    words = text.split()
+    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(words[i:] + words[:i]) for i in range(12)))
+    (tmp_path / "run.toml").write_text(
+        f"""
+task = "pretrain"
+[model]
+path = "{folder}"
+tokenizer = "{tmp_path}"
+[data]
+train = "{tmp_path / "corpus.txt"}"
+seq_len = 32
+[train]
+steps = 4
+batch_size = 2
+lr = 1e-2
+[run]
+output_dir = "{tmp_path / "out"}"
+tensorboard = false
+plot = false
+[peft]
+method = "dora"
+options = {{ r = 4, alpha = 8, target_modules = "all-linear" }}
+"""
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", str(tmp_path / "run.toml")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "peft dora: trainable params:" in capsys.readouterr().err
+    final = tmp_path / "out" / "final"
+    raw = json.loads((final / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "LORA" and raw["use_dora"] and raw["base_model_name_or_path"] == str(folder)
+    ours = fp.load_adapter(load_model(folder, dtype=torch.float32), str(final)).eval()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(final)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), theirs(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
+        with fp.disable_adapter(ours):
+            assert (ours(IDS) - hf(input_ids=IDS).logits).abs().max() < 1e-4  # the base stayed frozen

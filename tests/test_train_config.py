@@ -68,7 +68,7 @@ def test_overrides_are_typed_toml_values(tmp_path):
         (["train.steps=true"], r"train\.steps: expected an integer"),
         (["train.lr=fast"], r"train\.lr: expected a number"),
         (["model.gradient_checkpointing=1"], r"model\.gradient_checkpointing: expected true or false"),
-        (["task=rlhf"], r"task: 'rlhf' is not one of 'pretrain' \| 'sft'"),
+        (["task=rlhf"], r"task: 'rlhf' is not one of 'pretrain' \| 'sft' \| 'reward'"),
         (["train.schedule=step"], r"train\.schedule"),
         (['train.betas=[0.9, "x"]'], r"train\.betas\[1\]: expected a number"),
         (["train=3"], r"train: expected a table"),

@@ -51,6 +51,34 @@ def save_safetensors(
     metadata: dict[str, str] | None = None,
 ) -> None: ...
 
+# --- data (rust/src/py/data.rs) ---
+
+@final
+class PrepareJob:
+    """One `ferrotune prepare` run; `run()` blocks, `progress()`/`cancel()` work meanwhile."""
+
+    def __new__(cls, config_json: str) -> PrepareJob: ...
+    def run(self) -> str: ...
+    def progress(self) -> dict[str, int]: ...
+    def cancel(self) -> None: ...
+
+@final
+class DataTokenizer:
+    """A tokenizer folder with its chat template, as `prepare` uses them."""
+
+    def __new__(cls, path: str | os.PathLike[str], chat_template: str | None = None) -> DataTokenizer: ...
+    def encode(self, text: str, add_special: bool = False) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str], add_special: bool = False) -> list[list[int]]: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, id: int) -> str | None: ...
+    def special_tokens(self) -> dict[str, tuple[str, int] | None]: ...
+    @property
+    def has_chat_template(self) -> bool: ...
+    def render_chat(self, messages_json: str, add_generation_prompt: bool = False) -> str: ...
+    def encode_line(
+        self, line: str, format: str = "auto", loss: str = "auto"
+    ) -> list[tuple[list[int], list[int]]]: ...
+
 # --- data/bpe: the fast byte-level BPE encoder -------------------------------------------------
 
 @final
@@ -100,5 +128,33 @@ def merge_adapter(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    requantize: bool = False,
 ) -> dict[str, Any]: ...
 def read_adapter(adapter: str | os.PathLike[str]) -> dict[str, Any]: ...
+def combine_adapters(
+    adapters: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "linear",
+    density: float | None = None,
+    majority_sign: str = "total",
+    svd_rank: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]: ...
+def extract_adapter(
+    base: str | os.PathLike[str],
+    tuned: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int,
+    targets: str | Sequence[str] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]: ...
+def export_gguf(
+    model: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str = "f16", progress: bool = False
+) -> dict[str, Any]: ...
+def read_dequantized(path: str | os.PathLike[str], prefix: str) -> list[tuple[str, NativeTensor]]: ...

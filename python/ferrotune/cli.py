@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tokenizer + tiny model, pretraining, SFT, eval: the whole job on a CPU",
     ),
     "merge": ("ferrotune.merge", "merge a PEFT LoRA adapter into a Hugging Face model"),
+    "combine": ("ferrotune.combine", "combine LoRA adapters (linear, TIES, DARE, SVD) into one"),
+    "extract": ("ferrotune.extract", "extract a LoRA from a fine-tuned model and its base"),
+    "export": ("ferrotune.export", "export a model to GGUF (F16, BF16, Q8_0) for llama.cpp"),
     "quantize": ("ferrotune.quant.command", "quantize a checkpoint to bitsandbytes 4-bit (NF4/FP4)"),
 }
 

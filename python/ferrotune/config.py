@@ -183,6 +183,22 @@ class MethodConfig:
 
 
 @dataclass
+class PeftSection:
+    """`[peft]`: a parameter-efficient method applied on top of the training method (owned by
+    ferrotune.peft). `method` is a name of `ferrotune.peft.METHODS` ("lora", "dora", "ia3",
+    "houlsby", "prefix", "prompt", ...) or "" for none; `options` are that method's config fields,
+    checked by `ferrotune.peft.config_from_dict`:
+
+        [peft]
+        method = "lora"
+        options = { r = 16, alpha = 32, target_modules = "all-linear" }
+    """
+
+    method: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     task: Literal["pretrain", "sft", "reward", "ppo", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"] = "sft"
     seed: int = 0
@@ -191,6 +207,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ It ends with the probe check (`ferrotune.probe`): merged versus unmerged logits 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -31,13 +33,32 @@ def merge_adapter(
     probe: bool = True,
     probe_threshold: float | None = None,
     progress: bool = False,
+    original: str | os.PathLike[str] | None = None,
+    requantize: bool = False,
 ) -> dict[str, Any]:
     """Merges `adapter` into `base`, writing the model folder `out`. Returns the native summary,
-    plus `probe` (a `ferrotune.probe.ProbeReport`) when `probe` is set."""
+    plus `probe` (a `ferrotune.probe.ProbeReport`) when `probe` is set.
+
+    For a 4-bit (bitsandbytes NF4/FP4) `base`, the merge targets its dequantized weights (those the
+    adapter was trained against), unless `original` names the 16-bit checkpoint it was quantized
+    from: the merge then targets those, and the probe measures the difference against the 4-bit
+    model the adapter was trained on. `requantize` writes the merged model back in 4 bits."""
+    target = base if original is None else original
+    # The probe needs torch, whose import takes seconds: it runs in a thread while the native
+    # merge (which releases the GIL) streams the checkpoint.
+    importer = threading.Thread(target=importlib.import_module, args=("ferrotune.probe",), daemon=True)
+    if probe:
+        importer.start()
     summary: dict[str, Any] = _native.merge_adapter(
-        os.fspath(base), os.fspath(adapter), os.fspath(out), overwrite=overwrite, progress=progress
+        os.fspath(target),
+        os.fspath(adapter),
+        os.fspath(out),
+        overwrite=overwrite,
+        progress=progress,
+        requantize=requantize,
     )
     if probe:
+        importer.join()
         from ferrotune.probe import DEFAULT_THRESHOLD, probe_merge
 
         threshold = DEFAULT_THRESHOLD if probe_threshold is None else probe_threshold
@@ -59,7 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--probe-threshold",
         type=float,
         default=None,
-        help="warn when the largest logit divergence exceeds this fraction of the largest logit (0.05)",
+        help="warn when merged vs unmerged logits differ by more than this fraction of the adapter's own "
+        "effect on them (default 0.5)",
+    )
+    parser.add_argument(
+        "--original",
+        default=None,
+        help="for a 4-bit BASE: merge into this 16-bit checkpoint it was quantized from instead of the "
+        "dequantized 4-bit weights (the probe then shows what that costs)",
+    )
+    parser.add_argument(
+        "--requantize", action="store_true", help="write the merged model back in 4 bits (bitsandbytes NF4)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -74,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         probe=not args.no_probe,
         probe_threshold=args.probe_threshold,
         progress=not args.quiet,
+        original=args.original,
+        requantize=args.requantize,
     )
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -12,19 +12,22 @@ Three forward passes over the same probe token ids (random ids from a fixed seed
 `divergence = max |merged - unmerged|` is what the merge lost (rounding to the storage dtype, a
 different target weight for quantized bases, or a bug); `adapter_effect = max |unmerged - base|`
 is how much the adapter changes the model. The merge is flagged when the divergence exceeds
-`threshold` times the largest unmerged logit.
+`threshold` (0.5) times the adapter's effect: the merged model then misses or distorts a large
+part of what the adapter does.
 
 The passes run layer by layer over memory-mapped weights (`torch.func.functional_call` on a
 decoder layer built on the meta device), so the probe holds one layer of each checkpoint at a
-time, whatever the model size. It computes in the checkpoints' own dtype.
+time, whatever the model size; the base and unmerged passes share one batch, so each weight is
+read once per checkpoint. It computes in the checkpoints' own dtype (bf16 rounding of the
+activations alone moves bf16 logits by a few percent of the adapter's effect).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,41 +37,59 @@ from torch import nn
 from torch.func import functional_call
 
 from ferrotune import _native
-from ferrotune.io import load_checkpoint
+from ferrotune.io import load_checkpoint, to_torch
 from ferrotune.models.llama import AttentionMask, CausalLM, rope_inverse_frequencies
 from ferrotune.models.load import read_config
 
-DEFAULT_THRESHOLD = 0.05
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass
 class ProbeReport:
     divergence: float  # max |merged - unmerged| logit
-    relative_divergence: float  # divergence / max |unmerged| logit
     adapter_effect: float  # max |unmerged - base| logit
-    max_logit: float
+    max_logit: float  # max |unmerged| logit
     threshold: float
     inputs: int
     tokens: int
+
+    @property
+    def relative_divergence(self) -> float:
+        """Divergence as a fraction of the adapter's effect."""
+        if self.adapter_effect > 0:
+            return self.divergence / self.adapter_effect
+        return 0.0 if self.divergence == 0 else math.inf
 
     @property
     def ok(self) -> bool:
         return self.relative_divergence <= self.threshold
 
     def summary(self) -> str:
-        verdict = "ok" if self.ok else f"WARNING: above the threshold {self.threshold:g}"
+        verdict = (
+            "ok"
+            if self.ok
+            else f"WARNING: the merged model diverges by more than {self.threshold:g} x the adapter's own effect"
+        )
         return (
             f"probe ({self.inputs} inputs x {self.tokens} tokens): merged vs unmerged logits differ by at most "
-            f"{self.divergence:.4g} ({self.relative_divergence:.2%} of the largest logit {self.max_logit:.4g}); "
-            f"the adapter itself moves them by up to {self.adapter_effect:.4g}: {verdict}"
+            f"{self.divergence:.4g}, {self.relative_divergence:.1%} of the adapter's effect ({self.adapter_effect:.4g}; "
+            f"largest logit {self.max_logit:.4g}): {verdict}"
         )
 
 
 class _UnmergedLinear(nn.Module):
-    """A linear layer with its LoRA applied beside it (never folded into the weight)."""
+    """A linear layer with its LoRA applied beside it (never folded into the weight), on the rows
+    of the batch selected by `lora_rows` (B, 1, 1) bool; the other rows get the plain layer. One
+    read of the weight thus serves the base and the unmerged passes."""
 
     def __init__(
-        self, like: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor | None
+        self,
+        like: nn.Linear,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        magnitude: torch.Tensor | None,
+        lora_rows: torch.Tensor,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty_like(like.weight, device="meta"), requires_grad=False)
@@ -78,16 +99,19 @@ class _UnmergedLinear(nn.Module):
             else None
         )
         self.a, self.b, self.scale, self.magnitude = a, b, scale, magnitude  # (r, in), (out, r), (out,)
+        self.lora_rows = lora_rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.a.to(x.dtype), self.b.to(x.dtype)
-        lora = F.linear(F.linear(x, a), b) * self.scale  # (..., out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, in) -> (B, T, out)
+        plain = F.linear(x, self.weight)
+        lora = F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype)) * self.scale
         if self.magnitude is None:
-            return F.linear(x, self.weight, self.bias) + lora
-        # DoRA: the norm of each output row of W + s·BA, computed in f32 and treated as a constant.
-        merged = self.weight.float() + self.scale * (self.b.float() @ self.a.float())  # (out, in)
-        factor = (self.magnitude.float() / merged.norm(dim=1)).to(x.dtype)  # (out,)
-        out = (F.linear(x, self.weight) + lora) * factor
+            adapted = plain + lora
+        else:
+            # DoRA: the norm of each output row of W + s·BA, in f32, treated as a constant.
+            merged = self.weight.float() + self.scale * (self.b.float() @ self.a.float())  # (out, in)
+            factor = (self.magnitude.float() / merged.norm(dim=1)).to(x.dtype)  # (out,)
+            adapted = (plain + lora) * factor
+        out = torch.where(self.lora_rows, adapted, plain)
         return out + self.bias if self.bias is not None else out
 
 
@@ -96,8 +120,7 @@ def _module_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_path) if parent_path else root), leaf
 
 
-def _checkpoint_path(folder: str | os.PathLike[str]) -> Path:
-    folder = Path(folder)
+def _checkpoint_path(folder: Path) -> Path:
     index = folder / "model.safetensors.index.json"
     return index if index.exists() else folder / "model.safetensors"
 
@@ -108,22 +131,20 @@ def probe_inputs(vocab_size: int, inputs: int = 2, tokens: int = 8, seed: int = 
     return torch.randint(0, vocab_size, (inputs, tokens), generator=generator)
 
 
-def _layer_weights(
-    folder: Path, prefix: str, overrides: Mapping[str, torch.Tensor]
-) -> Callable[[], dict[str, torch.Tensor]]:
-    """A loader of the tensors under `prefix` (names relative to it): mapped views, overlaid by
-    `overrides`. The checkpoint is opened per call and dropped by the caller, so its pages leave
-    the resident set with it."""
+def _is_4bit(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
 
-    def load() -> dict[str, torch.Tensor]:
-        checkpoint = load_checkpoint(_checkpoint_path(folder))
-        weights = {name[len(prefix) :]: checkpoint[name] for name in checkpoint if name.startswith(prefix)}
-        for name, tensor in overrides.items():
-            if name.startswith(prefix):
-                weights[name[len(prefix) :]] = tensor
-        return weights
 
-    return load
+def _weights(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (names relative to it) as views of the mapped file; 4-bit
+    weights dequantized to their 16-bit dtype, as the forward pass of a 4-bit model sees them.
+    The checkpoint is opened per call, so its pages leave the resident set with the views."""
+    path = _checkpoint_path(folder)
+    if _is_4bit(folder):
+        return {name[len(prefix) :]: to_torch(t) for name, t in _native.read_dequantized(path, prefix)}
+    checkpoint = load_checkpoint(path)
+    return {name[len(prefix) :]: checkpoint[name] for name in checkpoint if name.startswith(prefix)}
 
 
 def probe_merge(
@@ -137,36 +158,45 @@ def probe_merge(
     seed: int = 0,
 ) -> ProbeReport:
     """Runs the base, unmerged and merged models on the probe inputs; see the module docstring."""
-    base, adapter, merged = Path(base), Path(adapter), Path(merged)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls over weights streamed once: threads only add barriers
+    try:
+        with torch.no_grad():
+            return _probe(Path(base), Path(adapter), Path(merged), inputs, tokens, threshold, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe(
+    base: Path, adapter: Path, merged: Path, inputs: int, tokens: int, threshold: float, seed: int
+) -> ProbeReport:
     config = read_config(merged)
+    config.extra.pop("quantization_config", None)
     description = _native.read_adapter(adapter)
     adapter_weights = load_checkpoint(adapter / "adapter_model.safetensors")
-    replacements = {name: adapter_weights[key] for name, key in description["replacements"].items()}
+    replaced = {name: adapter_weights[key] for name, key in description["replacements"].items()}
     modules = {m["module"]: m for m in description["modules"]}
-
     with torch.device("meta"):
         skeleton = CausalLM(config)
     ids = probe_inputs(config.vocab_size, inputs, tokens, seed)  # (B, T)
-    dtype = load_checkpoint(_checkpoint_path(merged))["model.embed_tokens.weight"].dtype
+    pair_ids = torch.cat((ids, ids))  # (2B, T): rows [0, B) unmerged, [B, 2B) base
+    lora_rows = (torch.arange(2 * inputs) < inputs)[:, None, None]  # (2B, 1, 1)
 
-    # Embeddings: (B, T, hidden) for each of the three passes.
-    def embed(folder: Path, overrides: Mapping[str, torch.Tensor], with_lora: bool) -> torch.Tensor:
-        weight = _layer_weights(folder, "model.embed_tokens.", overrides)()["weight"]
-        x = F.embedding(ids, weight)
-        lora = modules.get("model.embed_tokens") if with_lora else None
-        if lora is not None:  # lora_embedding_A (r, vocab), lora_embedding_B (dim, r)
-            a, b = adapter_weights[lora["a"]].float(), adapter_weights[lora["b"]].float()
-            x = x + (F.embedding(ids, a.T) @ b.T * lora["scale"]).to(x.dtype)
-        return x
+    # Embeddings. (2B, T, hidden) for the unmerged + base pair, (B, T, hidden) merged.
+    base_embed = _weights(base, "model.embed_tokens.")["weight"]
+    unmerged_embed = replaced.get("model.embed_tokens.weight", base_embed)
+    pair = torch.cat((F.embedding(ids, unmerged_embed), F.embedding(ids, base_embed)))
+    lora = modules.get("model.embed_tokens")
+    if lora is not None:  # lora_embedding_A (r, vocab), lora_embedding_B (dim, r)
+        a, b = adapter_weights[lora["a"]].float(), adapter_weights[lora["b"]].float()
+        pair = pair + (F.embedding(pair_ids, a.T) @ b.T * lora["scale"] * lora_rows).to(pair.dtype)
+    dtype = pair.dtype
+    merged_hidden = F.embedding(ids, _weights(merged, "model.embed_tokens.")["weight"])
+    del base_embed, unmerged_embed
 
-    hidden = {
-        "base": embed(base, {}, False),
-        "unmerged": embed(base, replacements, True),
-        "merged": embed(merged, {}, False),
-    }
-    positions = torch.arange(tokens).expand(inputs, tokens)
-    freqs = positions[..., None].float() * rope_inverse_frequencies(config, torch.device("cpu"))
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    positions = torch.arange(tokens)
+    freqs = positions[None, :, None].float() * rope_inverse_frequencies(config, torch.device("cpu"))
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (1, 1, T, D): the same for every row
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     mask = AttentionMask(causal=True)
 
@@ -181,46 +211,42 @@ def probe_merge(
             parent, leaf = _module_parent(with_lora, path[len(prefix) :])
             magnitude = adapter_weights[m["magnitude"]] if m["magnitude"] else None
             wrapped = _UnmergedLinear(
-                getattr(parent, leaf), adapter_weights[m["a"]], adapter_weights[m["b"]], m["scale"], magnitude
+                getattr(parent, leaf),
+                adapter_weights[m["a"]],
+                adapter_weights[m["b"]],
+                m["scale"],
+                magnitude,
+                lora_rows,
             )
             setattr(parent, leaf, wrapped)
-        for name, folder, module, overrides in (
-            ("base", base, layer, {}),
-            ("unmerged", base, with_lora, replacements),
-            ("merged", merged, layer, {}),
-        ):
-            weights = _layer_weights(folder, prefix, overrides)()
-            with torch.no_grad():
-                hidden[name] = functional_call(module, weights, (hidden[name], cos, sin, mask))
-            del weights
-
-    logits = {}
-    for name, folder, overrides in (
-        ("base", base, {}),
-        ("unmerged", base, replacements),
-        ("merged", merged, {}),
-    ):
-        final = _layer_weights(folder, "", overrides)
-        weights = {
-            k: v
-            for k, v in final().items()
-            if k in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight")
-        }
-        head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-        with torch.no_grad():
-            normed = functional_call(
-                skeleton.model.norm, {"weight": weights["model.norm.weight"]}, (hidden[name],)
-            )
-            logits[name] = F.linear(normed, head).float()  # (B, T, V)
+        weights = _weights(base, prefix)
+        overrides = {k[len(prefix) :]: v for k, v in replaced.items() if k.startswith(prefix)}
+        if overrides:  # the adapter replaces tensors of this layer: the two passes differ
+            unmerged = functional_call(with_lora, {**weights, **overrides}, (pair[:inputs], cos, sin, mask))
+            plain = functional_call(layer, weights, (pair[inputs:], cos, sin, mask))
+            pair = torch.cat((unmerged, plain))
+        else:
+            pair = functional_call(with_lora, weights, (pair, cos, sin, mask))
         del weights
+        merged_hidden = functional_call(layer, _weights(merged, prefix), (merged_hidden, cos, sin, mask))
 
+    def head(folder: Path, hidden: torch.Tensor, overrides: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = {**_weights(folder, ""), **overrides}
+        normed = functional_call(skeleton.model.norm, {"weight": weights["model.norm.weight"]}, (hidden,))
+        out = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        return F.linear(normed, out).float()  # (B, T, V)
+
+    unmerged = head(base, pair[:inputs], replaced)
+    logits = {
+        "unmerged": unmerged,
+        "base": head(base, pair[inputs:], {}),
+        "merged": head(merged, merged_hidden, {}),
+    }
     divergence = float((logits["merged"] - logits["unmerged"]).abs().max())
-    max_logit = float(logits["unmerged"].abs().max())
     return ProbeReport(
         divergence=divergence,
-        relative_divergence=divergence / max_logit if max_logit > 0 else math.inf,
         adapter_effect=float((logits["unmerged"] - logits["base"]).abs().max()),
-        max_logit=max_logit,
+        max_logit=float(logits["unmerged"].abs().max()),
         threshold=threshold,
         inputs=inputs,
         tokens=tokens,

@@ -115,3 +115,79 @@ def test_bad_preference_line_names_file_line_and_field(workspace):
     tokenizer = Tokenizer.from_file(str(workspace / "model" / "tokenizer.json"))
     with pytest.raises(FormatError, match=r"bad.jsonl: line 2: field 'chosen'"):
         read_preference_jsonl(bad, tokenizer)
+
+
+def test_dpo_and_reward_train_from_a_prepared_preference_folder(workspace):
+    """`ferrotune prepare --format preference` packs pairs in Rust (chosen/rejected documents side
+    by side); DPO and the reward model read the folder memory-mapped."""
+    from ferrotune.train.preference_data import PreparedPreferences
+    from safetensors.torch import load_file
+
+    prepared = workspace / "prepared"
+    args = ["prepare", str(workspace / "prefs.jsonl"), "--tokenizer", str(workspace / "model")]
+    assert (
+        main([*args, "--out", str(prepared), "--seq-len", "32", "--format", "preference", "--overwrite"]) == 0
+    )
+    source = PreparedPreferences(prepared)
+    assert len(source) == 24
+    batch = next(source.batches(batch_size=4, shuffle=False))
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+    assert sorted(batch["pair_index"][batch["pair_index"] >= 0].tolist()) == list(
+        range(int((batch["pair_index"] >= 0).sum()))
+    )
+    for task in ("dpo", "reward"):
+        out = workspace / "runs" / f"prepared_{task}"
+        overrides = [
+            f"model.path={workspace / 'model'}",
+            f"data.train={prepared}",
+            "train.steps=2",
+            "train.batch_size=2",
+            "train.device=cpu",
+            f"run.output_dir={out}",
+            f"method.dpo.reference_cache={out / 'reference.safetensors'}",
+        ]
+        assert main(["train", str(EXAMPLES / f"{task}.toml"), *overrides]) == 0
+        assert (out / "final" / "config.json").exists()
+    cache = load_file(workspace / "runs" / "prepared_dpo" / "reference.safetensors")
+    assert cache["chosen"].shape == (24,) and bool((cache["chosen"] < 0).all())
+
+
+@pytest.mark.parametrize("task", ["reward", "dpo", "ppo", "grpo"])
+def test_alignment_with_a_lora_section(workspace, task):
+    """`[peft] method = "lora"`: DPO's reference is the adapter-disabled base, PPO adds its value
+    adapter beside the policy adapter, the policy is saved as a PEFT adapter and the reward model
+    as one merged HF checkpoint."""
+    from ferrotune.train.reward import load_reward_model
+
+    out = workspace / "runs" / f"lora_{task}"
+    data = workspace / ("prompts.jsonl" if task in ("ppo", "grpo") else "prefs.jsonl")
+    overrides = [
+        f"model.path={workspace / 'model'}",
+        f"data.train={data}",
+        "data.seq_len=32",
+        "data.eval_fraction=0.0",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.device=cpu",
+        f"run.output_dir={out}",
+        "method.dpo.reference_cache=",
+        "peft.method=lora",
+        'peft.options={ r = 4, alpha = 8, target_modules = "all-linear" }',
+        "method.ppo.rollout_batch=4",
+        "method.ppo.minibatch=2",
+        "method.ppo.max_new_tokens=3",
+        'method.ppo.reward_functions=["arithmetic"]',
+        'method.ppo.reward_model=""',
+        "method.grpo.prompts_per_iteration=2",
+        "method.grpo.group_size=4",
+        "method.grpo.minibatch=4",
+        "method.grpo.max_new_tokens=3",
+    ]
+    assert main(["train", str(EXAMPLES / f"{task}.toml"), *overrides]) == 0
+    final = out / "final"
+    if task == "reward":
+        assert not (final / "adapter_config.json").exists()
+        assert load_reward_model(final).score.weight.shape == (1, 32)
+    else:
+        config = json.loads((final / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and (final / "adapter_model.safetensors").exists()

@@ -221,3 +221,26 @@ def test_ppo_on_one_base_with_policy_value_and_reward_adapters():
         torch.testing.assert_close(params[name], value, rtol=0, atol=0)
     assert any(not torch.equal(params[n], v) for n, v in policy_before.items())
     assert set(active_adapters(model)) == {"policy"}
+
+
+def test_ppo_adds_a_value_adapter_beside_a_single_policy_adapter():
+    """`ferrotune train` builds one adapter ("default", all-linear): PPO takes it as the policy and
+    adds a value adapter of the same kind on the same modules."""
+    model = tiny_lm(seed=6)
+    apply_peft(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    method = PPOConfig(rollout_batch=8, minibatch=4, ppo_epochs=1, max_new_tokens=2)
+    history = train_ppo(
+        model,
+        PROMPTS,
+        reward_from_function(lambda prompt, response: float(response[0] % 2 == 0)),  # dense signal
+        method,
+        TrainConfig(steps=2, lr=1e-2),
+        stop_tokens=[EOS],
+        pad_id=PAD,
+        quiet=True,
+    )
+    assert adapter_names(model) == ["default", "value"]
+    assert len(history) == 2
+    value_b = [p for n, p in model.named_parameters() if "lora_B.value" in n]
+    assert value_b and any(float(p.detach().abs().sum()) > 0 for p in value_b)  # trained from zero init
+    assert all("lora_A.default.lora" not in n for n, _ in model.named_parameters())  # no nesting

@@ -18,6 +18,7 @@ same four with `chosen_` / `rejected_` prefixes).
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -79,24 +80,40 @@ class PackedDataset(torch.utils.data.Dataset):
         self.manifest = load_manifest(self.path)
         self.seq_len: int = self.manifest["seq_len"]
         self.names = [p + f for p in self.manifest["lanes"] for f in _FIELDS]
-        self._shards: list[dict[str, torch.Tensor]] = []
+        self._shards: list[dict[str, torch.Tensor]] | None = None
+        self._open_shards()
         starts = [0]
         for info in self.manifest["shards"]:
-            ckpt = Checkpoint(os.path.join(self.path, info["file"]))
-            tensors = {name: ckpt[name] for name in self.names}  # (R, T) int32 views of the map
-            rows = tensors[self.names[0]].shape[0]
-            if rows != info["rows"] or any(t.shape != (rows, self.seq_len) for t in tensors.values()):
-                raise FormatError(
-                    f"{ckpt.path}: tensors do not match the manifest ({rows} rows)", ckpt.path, "shape"
-                )
-            self._shards.append(tensors)
-            starts.append(starts[-1] + rows)
-        self._starts = torch.tensor(starts, dtype=torch.int64)
+            starts.append(starts[-1] + info["rows"])
+        self._starts = starts
         self.total_rows = starts[-1]
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.batch_size = batch_size
         self._order = self._rank_order(epoch)
         self._skip = min(start_step * batch_size, len(self._order))
+
+    def _open_shards(self) -> list[dict[str, torch.Tensor]]:
+        """Maps every shard (once per process: DataLoader workers reopen after unpickling)."""
+        if self._shards is None:
+            shards = []
+            for info in self.manifest["shards"]:
+                ckpt = Checkpoint(os.path.join(self.path, info["file"]))
+                tensors = {name: ckpt[name] for name in self.names}  # (R, T) int32 views of the map
+                rows = info["rows"]
+                if any(t.shape != (rows, self.seq_len) for t in tensors.values()):
+                    raise FormatError(
+                        f"{ckpt.path}: tensors do not match the manifest ({rows} x {self.seq_len})",
+                        ckpt.path,
+                        "shape",
+                    )
+                shards.append(tensors)
+            self._shards = shards
+        return self._shards
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_shards"] = None  # memory maps do not pickle; workers map the files themselves
+        return state
 
     def _rank_order(self, epoch: int) -> torch.Tensor:
         if self.shuffle:
@@ -126,9 +143,9 @@ class PackedDataset(torch.utils.data.Dataset):
         row = self.global_index(i)
         if row < 0:
             return self._padding_row()
-        shard = int(torch.searchsorted(self._starts, row, right=True)) - 1
-        local = row - int(self._starts[shard])
-        return {name: t[local] for name, t in self._shards[shard].items()}
+        shard = bisect.bisect_right(self._starts, row) - 1
+        local = row - self._starts[shard]
+        return {name: t[local] for name, t in self._open_shards()[shard].items()}
 
     def _padding_row(self) -> dict[str, torch.Tensor]:
         """A row that trains nothing: ids and positions 0, labels -100, document ids -1."""

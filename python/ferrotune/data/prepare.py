@@ -89,28 +89,34 @@ def prepare(config: dict[str, Any], *, progress: bool = True) -> dict[str, Any]:
     Shows a progress line on stderr; Ctrl-C cancels cleanly (raises KeyboardInterrupt)."""
     job = _native.PrepareJob(json.dumps(config))
     outcome: dict[str, Any] = {}
+    done = threading.Event()
 
     def work() -> None:
         try:
             outcome["summary"] = job.run()
         except BaseException as e:
             outcome["error"] = e
+        finally:
+            done.set()
 
+    # Waiting on an Event, not Thread.join: a join interrupted by Ctrl-C can return early on the
+    # next call (CPython < 3.13), and the native job must finish its cleanup before we exit.
     thread = threading.Thread(target=work, name="ferrotune-prepare", daemon=True)
     started = time.monotonic()
     thread.start()
     try:
-        while thread.is_alive():
-            thread.join(0.5)
+        while not done.wait(0.5):
             if progress:
                 _show_progress(job.progress(), time.monotonic() - started)
     except KeyboardInterrupt:
         job.cancel()
-        thread.join()
+        while not done.wait(0.1):
+            pass
         if progress:
             print(file=sys.stderr)
         raise
     if progress:
+        _show_progress(job.progress(), time.monotonic() - started)
         print(file=sys.stderr)
     if "error" in outcome:
         raise outcome["error"]

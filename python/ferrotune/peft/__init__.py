@@ -21,6 +21,7 @@ inference (weights scale each adapter's contribution; virtual tokens switch only
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -51,6 +52,7 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "apply_peft",
+    "apply_peft_section",
     "config_from_dict",
     "disable_adapter",
     "load_adapter",
@@ -79,8 +81,11 @@ METHODS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
-def config_from_dict(method: str, options: Mapping[str, Any] | None = None) -> MethodConfig:
-    """A method config from a name and options (the `[peft]` section), unknown keys refused."""
+def config_from_dict(
+    method: str, options: Mapping[str, Any] | None = None, *, where: str = "peft.options"
+) -> MethodConfig:
+    """A method config from a name and options (the `[peft]` section); an unknown method or
+    option raises `ConfigError` naming the key (`where` is the options' dotted path)."""
     if method not in METHODS:
         raise ConfigError(f"peft.method: {method!r} is not one of {sorted(METHODS)}")
     cls, fixed = METHODS[method]
@@ -88,12 +93,29 @@ def config_from_dict(method: str, options: Mapping[str, Any] | None = None) -> M
     known = {f.name for f in fields(cls)}
     for key in options:
         if key not in known:
-            raise ConfigError(f"peft.{key}: not an option of {method!r} (options: {sorted(known)})")
+            raise ConfigError(f"{where}.{key}: not an option of {method!r} (options: {sorted(known)})")
     for key, value in fixed.items():
         if key in options and options[key] != value:
-            raise ConfigError(f"peft.{key}: method {method!r} fixes it to {value!r}")
-    config: MethodConfig = cls(**{**options, **fixed})
+            raise ConfigError(f"{where}.{key}: method {method!r} fixes it to {value!r}")
+    try:
+        config: MethodConfig = cls(**{**options, **fixed})
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
     return config
+
+
+def apply_peft_section(
+    model: nn.Module, section: Any, *, tokenizer: Any = None, quiet: bool = False
+) -> nn.Module:
+    """Applies a run config's `[peft]` section (`ferrotune.config.PeftSection`): the model
+    unchanged when `section.method` is empty, else the adapted model, with the trainable-parameter
+    report printed (to stderr, like the training progress)."""
+    if not section.method:
+        return model
+    model = apply_peft(model, config_from_dict(section.method, section.options), tokenizer=tokenizer)
+    if not quiet:
+        print(f"peft {section.method}: {trainable_parameters(model)}", file=sys.stderr, flush=True)
+    return model
 
 
 # ----------------------------------------------------------------------------- applying

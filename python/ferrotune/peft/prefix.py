@@ -150,7 +150,7 @@ class PrefixModel(nn.Module):
         self.prompt_encoders = nn.ModuleDict()
         self.active: dict[str, float] = {}
         self.disabled = False
-        self._inference_cache: dict[tuple[str, int], PrefixKV] = {}
+        self._inference_cache: dict[tuple[Any, ...], PrefixKV] = {}
 
     # -- the LM's surface (what the trainer and `generate` use)
     @property
@@ -211,10 +211,21 @@ class PrefixModel(nn.Module):
     def _prefix(self, name: str, encoder: VirtualTokens, batch_size: int) -> PrefixKV:
         if torch.is_grad_enabled() or self.training:
             return encoder.prefix_kv(self.base_model, batch_size)
-        key = (name, batch_size)  # decoding calls this every step: compute the prefix once
+        # decoding calls this every step: compute the prefix once per adapter routing (a prompt's
+        # keys and values also depend on the weight adapters active in the model)
+        key = (name, batch_size, self._routing())
         if key not in self._inference_cache:
+            if len(self._inference_cache) >= 16:
+                self._inference_cache.clear()
             self._inference_cache[key] = encoder.prefix_kv(self.base_model, batch_size)
         return self._inference_cache[key]
+
+    def _routing(self) -> tuple[Any, ...]:
+        return tuple(
+            (id(m), tuple(sorted(m.active.items())), m.disabled, m.merged)
+            for m in self.base_model.modules()
+            if m is not self and isinstance(getattr(m, "active", None), dict) and hasattr(m, "disabled")
+        )
 
     def _inputs(
         self, kwargs: dict[str, Any], batch: int, length: int, device: torch.device

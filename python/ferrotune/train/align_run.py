@@ -8,7 +8,8 @@ runs the matching loop.
     task = "ppo"                            prompts + reward model or reward functions ([method.ppo])
     task = "grpo"                           prompts + reward functions ([method.grpo])
 
-Data: preference pairs are JSONL `{"prompt", "chosen", "rejected", "margin"?}`; prompts for PPO
+Data: preference pairs are JSONL `{"prompt", "chosen", "rejected", "margin"?}` or a folder made by
+`ferrotune prepare --format preference` (chat templates, masks and packing done there); prompts for PPO
 and GRPO are JSONL `{"prompt"}`. Texts are tokenized as given (apply the chat template when
 writing the file); an end-of-sequence token closes every completion.
 """
@@ -26,6 +27,7 @@ import torch
 
 from ferrotune.config import Config, to_dict
 from ferrotune.errors import ConfigError, FormatError
+from ferrotune.train.alignment import has_adapters
 from ferrotune.train.loop import TrainResult, resolve_device
 from ferrotune.train.pretrain import special_id
 from ferrotune.train.run import Outcome, build_model, finish, load_tokenizer, split_eval
@@ -60,6 +62,15 @@ def read_prompts(path: str, tokenizer: Any) -> list[list[int]]:
     return prompts
 
 
+def read_pairs(path: str, tokenizer: Any, eos: int) -> Any:
+    """Preference pairs from JSONL, or a folder prepared by `ferrotune prepare` (memory-mapped)."""
+    from ferrotune.train.preference_data import PreparedPreferences, read_preference_jsonl
+
+    if Path(path).is_dir():
+        return PreparedPreferences(path)
+    return read_preference_jsonl(path, tokenizer, add_eos=eos)
+
+
 def _special_ids(config: Config, tokenizer: Any, model_config: Any) -> tuple[int, int]:
     """(end-of-sequence id, pad id): from the model config when set, else the tokenizer."""
     eos = model_config.eos_token_id
@@ -74,8 +85,6 @@ def _special_ids(config: Config, tokenizer: Any, model_config: Any) -> tuple[int
 
 
 def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
-    from ferrotune.train.preference_data import read_preference_jsonl
-
     if not config.data.train:
         raise ConfigError("data.train: required (a JSONL file)")
     started = time.perf_counter()
@@ -85,16 +94,22 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
     model = build_model(config, device)
+    if config.peft.method:
+        from ferrotune.peft import apply_peft_section
+
+        model = apply_peft_section(model, config.peft, tokenizer=tokenizer, quiet=quiet)
     eos, pad = _special_ids(config, tokenizer, model.config)
     common = dict(run_dir=run_dir, log_every=config.run.log_every, seed=config.seed, quiet=quiet)
     task = config.task
 
     if task == "reward" or task in PREFERENCE_TASKS:
-        pairs = read_preference_jsonl(config.data.train, tokenizer, add_eos=eos)
+        pairs = read_pairs(config.data.train, tokenizer, eos)
         if config.data.eval:
-            eval_pairs = read_preference_jsonl(config.data.eval, tokenizer, add_eos=eos)
-        else:
+            eval_pairs = read_pairs(config.data.eval, tokenizer, eos)
+        elif isinstance(pairs, list):
             pairs, eval_pairs = split_eval(pairs, config.data.eval_fraction, config.seed)
+        else:
+            eval_pairs = []
         if not quiet:
             print(
                 f"{task}: {len(pairs)} preference pairs ({len(eval_pairs)} held out) on {device}",
@@ -124,6 +139,10 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
             eval_pairs=eval_pairs or None,
             **common,
         )
+        if has_adapters(model):
+            from ferrotune.peft import merge_and_unload
+
+            merge_and_unload(model)  # the reward model ships as one HF checkpoint
         final = save_reward_model(reward_model, run_dir / "final")
         finish_tokenizer(tokenizer_dir, final)
         history = [{"loss": evaluation["loss"]}]
@@ -135,7 +154,7 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
         history = train_preference(
             model, pairs, method, config.train, seq_len=config.data.seq_len, pad_id=pad, **common
         )
-        final = finish(model, config, tokenizer_dir)
+        final = save_policy(model, config, tokenizer_dir)
         summary = {"final_" + k: v for k, v in history[-1].items() if k != "step"}
         if eval_pairs:
             summary["eval_logp_margin"] = logp_margin(
@@ -167,7 +186,7 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
             history = train_grpo(
                 model, prompts, reward_fn, grpo, config.train, stop_tokens=[eos], pad_id=pad, **common
             )
-        final = finish(model, config, tokenizer_dir)
+        final = save_policy(model, config, tokenizer_dir)
         summary = {"first_reward": history[0]["reward"], "final_reward": history[-1]["reward"]}
 
     summary = {"task": task, "steps": config.train.steps, **summary}
@@ -179,6 +198,21 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
     if not quiet:
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     return Outcome(result, final, model)
+
+
+def save_policy(model: Any, config: Config, tokenizer_dir: Path | None) -> Path:
+    """The trained policy in <run>/final: an HF checkpoint after full fine-tuning; with PEFT, the
+    policy adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    if not has_adapters(model):
+        return finish(model, config, tokenizer_dir)
+    from ferrotune.peft import adapter_names, save_adapter
+
+    final = Path(config.run.output_dir) / "final"
+    save_adapter(
+        model, str(final), adapter_names(model)[0], base_model_name_or_path=config.model.path or None
+    )
+    finish_tokenizer(tokenizer_dir, final)
+    return final
 
 
 def finish_tokenizer(tokenizer_dir: Path | None, final: Path) -> None:

@@ -12,9 +12,10 @@ A run goes through these pieces, top to bottom in this file:
 3. `wrap_model()`: DDP replicates the model and all-reduces gradients; FSDP2 (`fully_shard`) shards
    every parameter on dim 0 per decoder block, then the root (embeddings, final norm, lm_head),
    with bf16 compute copies and fp32 gradient reduction (`MixedPrecisionPolicy`) and optionally
-   parameters and optimizer state on the CPU (`CPUOffloadPolicy`). Quantized storage (NF4 codes:
-   uint8 tensors; their fp32 scales) gets its own group per block with no dtype cast, so it is
-   sharded like any weight and all-gathered bit for bit.
+   parameters and optimizer state on the CPU (`CPUOffloadPolicy`). Quantized storage (`NF4Linear`'s
+   uint8 codes and raw-byte statistics, re-registered from buffers to frozen parameters) gets its
+   own group per block with no dtype cast, so it is sharded like any weight and all-gathered bit
+   for bit.
 4. Loss: each rank sums the token losses of its rows and divides by the GLOBAL count of trained
    tokens N (`global_sum`), times W because DDP and FSDP average gradients over ranks:
 
@@ -22,8 +23,9 @@ A run goes through these pieces, top to bottom in this file:
 
    which is the single-process gradient of the mean token loss over the global batch.
 5. Checkpoints: `save_sharded` / `load_sharded` write and read torch.distributed.checkpoint (DCP)
-   folders in which every rank writes its own shards; DCP reshards on load, so a run resumes on any
-   number of ranks, one process included. `gather_full_state_dict` assembles full tensors on rank 0
+   folders in which every rank writes its own shards of the trainable parameters and their
+   optimizer state; DCP reshards on load, so a run resumes on any number of ranks, one process
+   included. `gather_full_state_dict` assembles full tensors on rank 0
    for a Hugging Face or PEFT export; with `trainable_only=True` it gathers just the adapter, whole.
 """
 
@@ -498,6 +500,14 @@ def unwrap_for_plain_checkpoint(model: nn.Module) -> nn.Module:
     return unwrap(model)
 
 
+def _checkpoint_options() -> Any:
+    """Checkpoints hold what training changes: the trainable parameters and their optimizer state
+    (a LoRA / QLoRA checkpoint is the adapter; the frozen base comes from the base model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def _tmp_dir(path: str) -> str:
     return path.rstrip("/") + ".partial"
 
@@ -510,7 +520,7 @@ def save_sharded(
     trainer_state: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes a sharded checkpoint folder with torch.distributed.checkpoint: each rank writes its
-    own shards of the model and optimizer state, rank 0 adds `progress.json` (step, data
+    own shards of the trainable parameters and their optimizer state, rank 0 adds `progress.json` (step, data
     position, ... as given, plus the world size). The folder appears under `path` only once complete (written beside it,
     then renamed); a checkpoint already there is replaced. Multi-node runs need `path` on a
     filesystem every node sees."""
@@ -518,12 +528,15 @@ def save_sharded(
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = os.fspath(path)
+    options = _checkpoint_options()
     tmp = _tmp_dir(final)
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(env)
-    model_state, optim_state = get_state_dict(model, [optimizer] if optimizer is not None else [])
+    model_state, optim_state = get_state_dict(
+        model, [optimizer] if optimizer is not None else [], options=options
+    )
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         state["optim"] = optim_state
@@ -564,7 +577,8 @@ def load_sharded(
             ) from None
     read_checkpoint_metadata(folder)  # a bad or tampered record fails here, naming the file
     optimizers = [optimizer] if optimizer is not None else []
-    model_state, optim_state = get_state_dict(model, optimizers)
+    options = _checkpoint_options()
+    model_state, optim_state = get_state_dict(model, optimizers, options=options)
     state: dict[str, Any] = {"model": model_state}
     if optimizer is not None:
         state["optim"] = optim_state
@@ -574,6 +588,7 @@ def load_sharded(
         optimizers,
         model_state_dict=state["model"],
         optim_state_dict=state.get("optim", {}),
+        options=options,
     )
     return {k: v for k, v in meta.items() if k not in ("world_size", "format")}
 

@@ -44,8 +44,9 @@ from ferrotune.train.alignment import (
     reference_model,
 )
 from ferrotune.train.preference_data import (
-    PreferencePair,
-    preference_batches,
+    PreferenceData,
+    PreparedPreferences,
+    source_batches,
 )
 from ferrotune.train.preference_losses import document_logps, token_logps
 
@@ -118,9 +119,13 @@ def pair_ids(batch: dict[str, torch.Tensor], side: str) -> torch.Tensor:
 # The reference log-probability cache
 
 
-def pairs_fingerprint(pairs: Sequence[PreferencePair]) -> str:
-    """A hash of the token ids of every pair, stored with the cache to detect stale files."""
+def pairs_fingerprint(pairs: PreferenceData) -> str:
+    """A hash of the token ids of every pair (of a prepared folder: of its manifest), stored with
+    the cache to detect stale files."""
     digest = hashlib.sha256()
+    if isinstance(pairs, PreparedPreferences):
+        digest.update(pairs.fingerprint().encode())
+        return digest.hexdigest()
     for p in pairs:
         for part in (p.prompt, p.chosen, p.rejected):
             digest.update(len(part).to_bytes(4, "little"))
@@ -131,7 +136,7 @@ def pairs_fingerprint(pairs: Sequence[PreferencePair]) -> str:
 @torch.no_grad()
 def compute_reference_logps(
     reference: nn.Module,
-    pairs: Sequence[PreferencePair],
+    pairs: PreferenceData,
     *,
     batch_size: int,
     seq_len: int,
@@ -144,7 +149,7 @@ def compute_reference_logps(
     sides = ("chosen", "rejected", "kl") if with_mismatched else ("chosen", "rejected")
     out = {side: torch.zeros(len(pairs), dtype=torch.float32) for side in sides}
     seen = torch.zeros(len(pairs), dtype=torch.bool)
-    for batch in preference_batches(
+    for batch in source_batches(
         pairs,
         batch_size=batch_size,
         seq_len=seq_len,
@@ -168,7 +173,7 @@ def compute_reference_logps(
 def load_or_compute_reference(
     path: str | os.PathLike[str],
     reference: nn.Module,
-    pairs: Sequence[PreferencePair],
+    pairs: PreferenceData,
     *,
     batch_size: int,
     seq_len: int,
@@ -272,7 +277,7 @@ def preference_loss(
 
 def train_preference(
     model: nn.Module,
-    pairs: list[PreferencePair],
+    pairs: PreferenceData,
     method: DPOConfig,
     train: TrainConfig,
     *,
@@ -320,7 +325,7 @@ def train_preference(
     params = [p for p in model.parameters() if p.requires_grad]
     log = MetricsLog(run_dir, train.steps, method.loss_type, quiet)
     micro_batches = cycle(
-        lambda epoch: preference_batches(
+        lambda epoch: source_batches(
             pairs,
             batch_size=train.batch_size,
             seq_len=seq_len,
@@ -367,16 +372,14 @@ def train_preference(
 
 @torch.no_grad()
 def logp_margin(
-    model: nn.Module, pairs: list[PreferencePair], *, batch_size: int, seq_len: int, pad_id: int
+    model: nn.Module, pairs: PreferenceData, *, batch_size: int, seq_len: int, pad_id: int
 ) -> float:
     """Mean over pairs of log π(y_w|x) - log π(y_l|x): what every member of the family pushes up."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     gaps = []
-    for batch in preference_batches(
-        pairs, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id, shuffle=False
-    ):
+    for batch in source_batches(pairs, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         logps = batch_logps(model, batch, ("chosen", "rejected"))
         gaps.append(

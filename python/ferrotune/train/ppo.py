@@ -23,7 +23,7 @@ Models (no class hierarchy, one `ActorCritic` record of modules):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +86,37 @@ def make_actor_critic(policy: nn.Module, method: PPOConfig) -> ActorCritic:
     from ferrotune.peft.common import adapter_layers
 
     names = adapter_names(policy)
+    policy_adapter = method.policy_adapter
+    if policy_adapter not in names and len(names) == 1:
+        policy_adapter = names[0]  # one adapter, as `ferrotune train` builds it: that is the policy
+    if policy_adapter not in names:
+        raise ConfigError(
+            f"method.ppo.policy_adapter: the model has no adapter {policy_adapter!r} (it has {names})"
+        )
     value_adapter = method.value_adapter or None  # "" in TOML: values from the policy's states
-    for role, name in (("policy_adapter", method.policy_adapter), ("value_adapter", value_adapter)):
-        if name is not None and name not in names:
-            raise ConfigError(f"method.ppo.{role}: the model has no adapter {name!r} (it has {names})")
-    set_trainable(policy, [n for n in (method.policy_adapter, value_adapter) if n is not None])
+    if value_adapter is not None and value_adapter not in names:
+        add_adapter_like(policy, policy_adapter, value_adapter)
+    set_trainable(policy, [n for n in (policy_adapter, value_adapter) if n is not None])
     layers = [layer for _, layer in adapter_layers(policy)]
-    return ActorCritic(policy, head, None, method.policy_adapter, value_adapter, layers)
+    return ActorCritic(policy, head, None, policy_adapter, value_adapter, layers)
+
+
+def add_adapter_like(model: nn.Module, existing: str, name: str) -> None:
+    """Adds adapter `name` with the settings of adapter `existing`, on exactly the same modules
+    (LoRA targets are spelled out by path, so the new adapter never wraps the old one's layers)."""
+    from ferrotune.peft import LoraConfig, apply_peft, peft_config
+    from ferrotune.peft.common import adapter_layers
+    from ferrotune.peft.lora import LoraLinear
+
+    config = peft_config(model, existing)
+    if isinstance(config, LoraConfig):
+        paths = [
+            path
+            for path, layer in adapter_layers(model)
+            if isinstance(layer, LoraLinear) and existing in layer.adapter_names()
+        ]
+        config = replace(config, target_modules=paths, init="default")
+    apply_peft(model, config, name)
 
 
 def use_adapter(ac: ActorCritic, name: str | None) -> None:

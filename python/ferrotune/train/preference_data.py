@@ -203,3 +203,97 @@ def read_preference_jsonl(
     if not pairs:
         raise FormatError(f"{path}: no preference pairs", path=str(path))
     return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared folders (`ferrotune prepare --format preference`)
+
+
+class PreparedPreferences:
+    """The preference rows of a folder written by `ferrotune prepare` (manifest kind
+    "preference"), memory-mapped. Document k of a chosen row and of its rejected row are one pair;
+    pairs are numbered in folder order (row by row, document by document), which keys the
+    reference cache. Margins are 0; KTO's mismatched documents need the JSONL form."""
+
+    def __init__(self, path: str | Path):
+        from ferrotune.data.dataset import PackedDataset
+
+        self.path = str(path)
+        self.rows = PackedDataset(self.path, shuffle=False)
+        kind = self.rows.manifest.get("kind")
+        if kind != "preference":
+            raise FormatError(
+                f"{self.path}/manifest.json: kind is {kind!r}; preference training needs a folder "
+                "prepared from preference pairs",
+                path=f"{self.path}/manifest.json",
+                place="kind",
+            )
+        self.seq_len = int(self.rows.seq_len)
+        # pairs per row = documents in the chosen row; first pair number of each row
+        counts = torch.tensor(
+            [int(self.rows[i]["chosen_document_ids"].max()) + 1 for i in range(len(self.rows))]
+        )
+        self.row_pairs = counts.clamp(min=0)
+        self.first_pair = torch.cumsum(self.row_pairs, 0) - self.row_pairs
+
+    def __len__(self) -> int:
+        return int(self.row_pairs.sum())
+
+    def fingerprint(self) -> str:
+        """The manifest's identity (its own content hash when it has one) and the pair count."""
+        manifest = self.rows.manifest
+        return json.dumps({k: manifest.get(k) for k in sorted(manifest) if k != "created"}, sort_keys=True)
+
+    def batches(
+        self, *, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        from ferrotune.data.dataset import collate
+
+        order = list(range(len(self.rows)))
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            picked = order[start : start + batch_size]
+            batch = collate([self.rows[i] for i in picked])
+            width = max(int(self.row_pairs[i]) for i in picked)
+            index = torch.full((len(picked), width), -1, dtype=torch.long)
+            for b, i in enumerate(picked):
+                n = int(self.row_pairs[i])
+                index[b, :n] = int(self.first_pair[i]) + torch.arange(n)
+            batch["pair_index"] = index
+            batch["margin"] = torch.zeros(index.shape, dtype=torch.float32)
+            yield batch
+
+
+PreferenceData = Sequence[PreferencePair] | PreparedPreferences
+
+
+def source_batches(
+    data: PreferenceData,
+    *,
+    batch_size: int,
+    seq_len: int,
+    pad_id: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    with_mismatched: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of in-memory pairs (packed here) or of a prepared folder (packed already)."""
+    if isinstance(data, PreparedPreferences):
+        if with_mismatched:
+            raise FormatError(
+                f"{data.path}: KTO's mismatched documents need the preference pairs as JSONL, not a prepared folder",
+                path=data.path,
+            )
+        return data.batches(batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    return preference_batches(
+        data,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        pad_id=pad_id,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        with_mismatched=with_mismatched,
+    )

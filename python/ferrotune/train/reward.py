@@ -26,7 +26,7 @@ from ferrotune.io import load_checkpoint
 from ferrotune.models.llama import LlamaConfig, LlamaModel
 from ferrotune.models.load import model_state, read_config, save_config
 from ferrotune.train.alignment import MetricsLog, autocast, cycle, lr_at, make_optimizer, optimizer_step
-from ferrotune.train.preference_data import PreferencePair, preference_batches
+from ferrotune.train.preference_data import PreferenceData, source_batches
 from ferrotune.train.preference_losses import bradley_terry_loss
 
 SEQUENCE_CLASSIFIERS = {
@@ -202,16 +202,14 @@ def pair_scores(
 
 @torch.no_grad()
 def evaluate_reward_model(
-    model: RewardModel, pairs: list[PreferencePair], *, batch_size: int, seq_len: int, pad_id: int
+    model: RewardModel, pairs: PreferenceData, *, batch_size: int, seq_len: int, pad_id: int
 ) -> dict[str, float]:
     """Mean Bradley-Terry loss, accuracy (chosen scored above rejected) and mean score gap."""
     was_training = model.training
     model.eval()
     device = model.score.weight.device
     losses, correct, gaps = [], [], []
-    for batch in preference_batches(
-        pairs, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id, shuffle=False
-    ):
+    for batch in source_batches(pairs, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id, shuffle=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device):
             chosen, rejected, _ = pair_scores(model, batch)
@@ -229,13 +227,13 @@ def evaluate_reward_model(
 
 def train_reward_model(
     model: RewardModel,
-    pairs: list[PreferencePair],
+    pairs: PreferenceData,
     method: RewardConfig,
     train: TrainConfig,
     *,
     seq_len: int,
     pad_id: int,
-    eval_pairs: list[PreferencePair] | None = None,
+    eval_pairs: PreferenceData | None = None,
     run_dir: str | Path | None = None,
     log_every: int = 10,
     seed: int = 0,
@@ -250,7 +248,7 @@ def train_reward_model(
     params = [p for p in model.parameters() if p.requires_grad]
     log = MetricsLog(run_dir, train.steps, "reward", quiet)
     micro_batches = cycle(
-        lambda epoch: preference_batches(
+        lambda epoch: source_batches(
             pairs, batch_size=train.batch_size, seq_len=seq_len, pad_id=pad_id, seed=seed, epoch=epoch
         ),
         train.steps * train.grad_accum,

@@ -157,7 +157,12 @@ def training_rows(
 def finish(model: CausalLM, config: Config, tokenizer_dir: Path | None) -> Path:
     """Saves the trained model (HF layout) with its tokenizer files into <run>/final."""
     final = Path(config.run.output_dir) / "final"
-    save_model(model, final)
+    if config.peft.method:  # [peft]: the adapter alone, in PEFT's files
+        from ferrotune.peft import save_adapter
+
+        save_adapter(model, str(final), base_model_name_or_path=config.model.path or None)
+    else:
+        save_model(model, final)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists() and (tokenizer_dir / name).resolve() != (
@@ -181,6 +186,10 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
     train_rows, eval_rows = build_rows(config, tokenizer, tokenizer_dir)
     model = build_model(config, device)
+    if config.peft.method:  # [peft]: a parameter-efficient method on top (prints its trainable share)
+        from ferrotune.peft import apply_peft_section
+
+        model = apply_peft_section(model, config.peft, tokenizer=tokenizer, quiet=quiet)
     split = {"rank": env.rank, "world_size": env.world_size}  # each rank reads its rows
     batches = RowBatches(
         train_rows, config.train.batch_size, shuffle=config.data.shuffle, seed=config.seed, **split

@@ -19,6 +19,7 @@ mod added;
 mod config;
 mod merge;
 mod pretokenize;
+mod short_table;
 mod unicode_classes;
 
 use std::borrow::Cow;
@@ -28,12 +29,13 @@ use std::collections::{BTreeMap, HashMap};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 use thread_local::ThreadLocal;
-use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+use unicode_normalization_alignments::UnicodeNormalization;
 
 use crate::Result;
 use added::{AddedFlags, AddedTokens, Piece};
 pub use merge::{merge_reference, Merges};
 pub use pretokenize::SplitRegex;
+use short_table::{pack_short, ShortTable};
 
 /// Pre-tokens of this many bytes or more are not cached (as in HF).
 const CACHE_MAX_WORD: usize = 256;
@@ -63,9 +65,9 @@ const SINGLE: u32 = u32::MAX;
 /// One thread's memory of pre-token -> ids, plus scratch space for the merge loop.
 #[derive(Default)]
 struct WordCache {
-    /// Words of up to 15 bytes, packed with their length into one integer (see `pack_short`):
+    /// Words of up to 15 bytes, packed with their length into 16 bytes (`short_table.rs`):
     /// hashing and comparing them costs a few instructions, not a `memcmp`. Values as in `words`.
-    short_words: FxHashMap<[u64; 2], (u32, u32)>,
+    short_words: ShortTable,
     /// Longer words -> `(start, len)` in `ids`, or `(id, SINGLE)` for a one-token word.
     words: FxHashMap<Box<[u8]>, (u32, u32)>,
     ids: Vec<u32>,
@@ -73,28 +75,10 @@ struct WordCache {
     prefixed: String,
 }
 
-/// A word of at most 15 bytes as one key: its bytes, zero-padded, with the length in the top
-/// byte (so "a" and "a\0" differ). Built from overlapping unaligned loads, without a `memcpy`.
-#[inline(always)]
-fn pack_short(word: &[u8]) -> Option<[u64; 2]> {
-    let n = word.len();
-    let load8 = |at: usize| u64::from_le_bytes(word[at..at + 8].try_into().unwrap_or([0; 8]));
-    let load4 =
-        |at: usize| u32::from_le_bytes(word[at..at + 4].try_into().unwrap_or([0; 4])) as u64;
-    let (lo, hi) = match n {
-        16.. => return None,
-        8 => (load8(0), 0),
-        9..=15 => (load8(0), load8(n - 8) >> (8 * (16 - n))),
-        4..=7 => (load4(0) | (load4(n - 4) << (8 * (n - 4))), 0),
-        _ => {
-            let mut lo = 0u64;
-            for (i, &b) in word.iter().enumerate() {
-                lo |= (b as u64) << (8 * i);
-            }
-            (lo, 0)
-        }
-    };
-    Some([lo, hi | ((n as u64) << 56)])
+/// NFC exactly as HF computes it: same crate, same (Unicode 9) tables. Newer Unicode versions
+/// compose and reorder some recently assigned characters differently.
+fn nfc(text: &str) -> String {
+    text.nfc().map(|(c, _)| c).collect()
 }
 
 /// GPT-2's byte -> character map: printable Latin-1 bytes map to themselves, the other 68 bytes
@@ -188,7 +172,7 @@ impl FastBpe {
         for (&id, token) in &by_id {
             if token.normalized {
                 let pattern = if spec.nfc {
-                    token.content.nfc().collect()
+                    nfc(&token.content)
                 } else {
                     token.content.clone()
                 };
@@ -265,10 +249,10 @@ impl FastBpe {
     }
 
     fn normalize<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        if !self.nfc || text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        if !self.nfc || text.is_ascii() {
             Cow::Borrowed(text)
         } else {
-            Cow::Owned(text.nfc().collect())
+            Cow::Owned(nfc(text))
         }
     }
 
@@ -278,7 +262,12 @@ impl FastBpe {
             return;
         }
         if let Some(&split) = self.splits.get(stage) {
-            split.split(text, |p| self.pre_tokenize(p, stage + 1, cache, out));
+            if stage + 1 == self.splits.len() && !self.byte_level_regex && !self.add_prefix_space {
+                // ByteLevel changes nothing more: these pieces are the words (Llama 3, Qwen2).
+                self.encode_words(text, split, cache, out);
+            } else {
+                split.split(text, |p| self.pre_tokenize(p, stage + 1, cache, out));
+            }
             return;
         }
         // ByteLevel: an optional leading space, then the optional GPT-2 split.
@@ -292,11 +281,40 @@ impl FastBpe {
             text
         };
         if self.byte_level_regex {
-            SplitRegex::Gpt2.split(text, |word| self.encode_word(word.as_bytes(), cache, out));
+            self.encode_words(text, SplitRegex::Gpt2, cache, out);
         } else {
             self.encode_word(text.as_bytes(), cache, out);
         }
         cache.prefixed = prefixed;
+    }
+
+    /// Splits `text` into words and encodes each, a few words behind the scanner: each word's
+    /// cache slot is prefetched when it is found and looked up `LAG` words later, so the memory
+    /// latency of cold words overlaps with the work on the words in between.
+    fn encode_words(
+        &self,
+        text: &str,
+        split: SplitRegex,
+        cache: &mut WordCache,
+        out: &mut Vec<u32>,
+    ) {
+        const LAG: usize = 8;
+        let mut pending: [&[u8]; LAG] = [&[]; LAG];
+        let mut found = 0usize;
+        split.split(text, |word| {
+            let word = word.as_bytes();
+            if let Some(key) = pack_short(word) {
+                cache.short_words.prefetch(&key);
+            }
+            if found >= LAG {
+                self.encode_word(pending[found % LAG], cache, out);
+            }
+            pending[found % LAG] = word;
+            found += 1;
+        });
+        for i in found.saturating_sub(LAG)..found {
+            self.encode_word(pending[i % LAG], cache, out);
+        }
     }
 
     /// The model on one pre-token, through the cache.
@@ -305,9 +323,9 @@ impl FastBpe {
         let short = pack_short(word);
         let hit = match short {
             Some(key) => cache.short_words.get(&key),
-            None => cache.words.get(word),
+            None => cache.words.get(word).copied(),
         };
-        if let Some(&(start, len)) = hit {
+        if let Some((start, len)) = hit {
             if len == SINGLE {
                 out.push(start); // one token, stored inline: no second memory access
             } else {
@@ -335,8 +353,10 @@ impl FastBpe {
             };
             match short {
                 Some(key) => cache.short_words.insert(key, value),
-                None => cache.words.insert(word.into(), value),
-            };
+                None => {
+                    cache.words.insert(word.into(), value);
+                }
+            }
         }
         cache.scratch = ids;
     }

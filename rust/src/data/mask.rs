@@ -204,8 +204,8 @@ impl Encoder<'_> {
             .tokenizer
             .encode_with_offsets(&text)
             .map_err(|e| BadLine::new(field, e.to_string()))?;
-        let span = [prompt.len()..text.len()];
-        let mut trained = mask_from_spans(&offsets, &span);
+        let completion_span = prompt.len()..text.len();
+        let mut trained = mask_from_spans(&offsets, std::slice::from_ref(&completion_span));
         let prefix = self.tokenizer.special_prefix();
         let mut ids = Vec::with_capacity(prefix.len() + core.len() + 1);
         ids.extend_from_slice(prefix);
@@ -306,7 +306,7 @@ mod tests {
     fn spans_select_overlapping_tokens() {
         let offsets = [(0, 2), (2, 5), (5, 5), (5, 9), (9, 9)];
         assert_eq!(
-            mask_from_spans(&offsets, &[3..9]),
+            mask_from_spans(&offsets, std::slice::from_ref(&(3..9))),
             vec![false, true, true, true, false]
         );
     }

@@ -156,8 +156,8 @@ impl ChatTemplate {
             }
             let prefix = self.render(&messages[..i], true)?;
             let upto = self.render(&messages[..=i], false)?;
-            let span = if upto.starts_with(&prefix) && full.starts_with(&upto) {
-                prefix.len()..upto.len()
+            let span = if upto.starts_with(&prefix) && full.starts_with(&prefix) {
+                prefix.len()..turn_end(&full, &upto, prefix.len())
             } else {
                 // The template rewrites earlier turns (e.g. drops reasoning): locate the reply
                 // text itself after the previous turn.
@@ -184,6 +184,29 @@ impl ChatTemplate {
             spans.drain(..spans.len() - 1);
         }
         Ok((full, spans))
+    }
+}
+
+/// Where the turn rendered as `upto` ends inside `full` (both start with the same `start` bytes).
+/// Usually `upto` is a prefix of `full`; templates that close a conversation differently than a
+/// turn (e.g. Phi-3 appends EOS only at the very end) diverge, and the turn then ends at the
+/// last line break or tag end (`>`, `]`) before the divergence.
+fn turn_end(full: &str, upto: &str, start: usize) -> usize {
+    let common = full
+        .bytes()
+        .zip(upto.bytes())
+        .take_while(|(a, b)| a == b)
+        .count();
+    if common == upto.len() {
+        return common;
+    }
+    let mut end = common;
+    while !full.is_char_boundary(end) {
+        end -= 1;
+    }
+    match full[start..end].rfind(['\n', '>', ']']) {
+        Some(at) => start + at + 1,
+        None => end,
     }
 }
 

@@ -38,6 +38,9 @@ fn build_fast_encoder(tokenizer_json: &str) -> Option<Arc<dyn FastEncoder>> {
     }
 }
 
+/// Token ids and, for each, its byte span `(start, end)` in the text.
+pub type IdsWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 /// Special-token ids the pipeline needs. Any may be absent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpecialTokens {
@@ -133,7 +136,7 @@ impl Tokenizer {
 
     /// Ids and the byte span in `text` of each token (no post-processor tokens), always from the
     /// `tokenizers` crate. Loss masks of chat turns are computed from these spans.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<IdsWithOffsets> {
         let enc = self
             .inner
             .encode(text, false)
@@ -317,10 +320,8 @@ pub(crate) mod tests {
             vocab.insert(c.to_string(), (specials.len() + i).into());
         }
         let merges = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n"];
-        let mut next = vocab.len() as u32;
-        for m in merges {
+        for (next, m) in (vocab.len() as u32..).zip(merges) {
             vocab.insert(m.replace(' ', ""), next.into());
-            next += 1;
         }
         let added: Vec<Value> = specials
             .iter()

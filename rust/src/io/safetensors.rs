@@ -347,6 +347,12 @@ impl SafetensorsWriter {
         Ok(())
     }
 
+    /// Starts writing the bytes so far back to disk without waiting (see
+    /// [`AtomicFile::start_writeback`]).
+    pub fn start_writeback(&mut self) -> Result<()> {
+        self.file.start_writeback()
+    }
+
     /// Checks every tensor was written, then renames the file into place.
     pub fn finish(self) -> Result<()> {
         if self.next != self.specs.len() {

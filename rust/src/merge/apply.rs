@@ -7,11 +7,13 @@ use std::path::Path;
 use super::adapter::{Adapter, Layout, LoraModule};
 use super::convert::{check_mergeable, tensor_from_f32, tensor_to_f32};
 use super::lora::{merge_weight, LowRank};
+use super::quantized::{dequantize_weight, is_aux, quant_state, QuantState};
 use super::stream::{
     copy_side_files, prepare_out_dir, rewrite_checkpoint, Plan, StreamSummary, TensorRewrite,
 };
 use crate::error::{Error, Result};
 use crate::io::{Checkpoint, TensorInfo, TensorSpec};
+use crate::quant::checkpoint::{quantize_checkpoint, QuantizeOptions};
 
 /// Options of [`merge_adapter`].
 #[derive(Debug, Clone, Default)]
@@ -20,6 +22,9 @@ pub struct MergeOptions {
     pub overwrite: bool,
     /// Progress lines on stderr.
     pub progress: bool,
+    /// Quantize the merged model back to 4 bits (bitsandbytes layout; the base's settings when
+    /// it was 4-bit, else NF4 / blocksize 64 / double quantization).
+    pub requantize: bool,
 }
 
 /// What a merge did.
@@ -46,6 +51,21 @@ enum Action<'a> {
 struct LoraRewrite<'a> {
     adapter: &'a Adapter,
     actions: std::collections::HashMap<String, Action<'a>>,
+    /// Packed 4-bit weights of the base (empty for a 16-bit base): dequantized, then merged.
+    quantized: std::collections::HashMap<String, QuantState>,
+}
+
+/// The packed 4-bit weights of `base` by name.
+fn quantized_weights(base: &Checkpoint) -> Result<std::collections::HashMap<String, QuantState>> {
+    let mut found = std::collections::HashMap::new();
+    for name in base.names() {
+        if name.ends_with(".weight") {
+            if let Some(state) = quant_state(base, name)? {
+                found.insert(name.clone(), state);
+            }
+        }
+    }
+    Ok(found)
 }
 
 impl<'a> LoraRewrite<'a> {
@@ -62,12 +82,19 @@ impl<'a> LoraRewrite<'a> {
                 ),
             )
         };
+        let quantized = quantized_weights(base)?;
         let mut actions = std::collections::HashMap::new();
         for module in adapter.modules.values() {
             let weight_name = module.weight_name();
-            let (_, w) = base
+            let (_, stored) = base
                 .get(&weight_name)
                 .ok_or_else(|| missing(&format!("module {:?}", module.module), &weight_name))?;
+            // A packed 4-bit weight stands for the 16-bit weight its quant state describes.
+            let mut w = stored.clone();
+            if let Some(state) = quantized.get(&weight_name) {
+                w.dtype = state.dtype;
+                w.shape = state.shape.clone();
+            }
             check_mergeable(w.dtype, &weight_name)?;
             let (a, b) = (adapter.info(&module.a), adapter.info(&module.b));
             let expected = match module.layout {
@@ -130,12 +157,23 @@ impl<'a> LoraRewrite<'a> {
                 ));
             }
         }
-        Ok(LoraRewrite { adapter, actions })
+        Ok(LoraRewrite {
+            adapter,
+            actions,
+            quantized,
+        })
     }
 }
 
 impl TensorRewrite for LoraRewrite<'_> {
     fn plan(&self, info: &TensorInfo) -> Result<Plan> {
+        if !self.quantized.is_empty() && is_aux(&info.name) {
+            return Ok(Plan::Drop);
+        }
+        if let Some(state) = self.quantized.get(&info.name) {
+            let spec = TensorSpec::new(&info.name, state.dtype, state.shape.clone());
+            return Ok(Plan::Rewrite(vec![spec]));
+        }
         Ok(match self.actions.get(&info.name) {
             None => Plan::Copy,
             Some(_) => Plan::Rewrite(vec![TensorSpec::new(
@@ -147,8 +185,24 @@ impl TensorRewrite for LoraRewrite<'_> {
     }
 
     fn compute(&self, source: &Checkpoint, info: &TensorInfo) -> Result<Vec<Vec<u8>>> {
-        let base = source.bytes(&info.name).expect("planned tensors exist");
-        let merged = match &self.actions[&info.name] {
+        let dequantized;
+        let (base, info) = match self.quantized.get(&info.name) {
+            Some(state) => {
+                dequantized = dequantize_weight(source, &info.name, state)?;
+                let mut logical = info.clone();
+                logical.dtype = state.dtype;
+                logical.shape = state.shape.clone();
+                (&dequantized[..], std::borrow::Cow::Owned(logical))
+            }
+            None => (
+                source.bytes(&info.name).expect("planned tensors exist"),
+                std::borrow::Cow::Borrowed(info),
+            ),
+        };
+        let Some(action) = self.actions.get(&info.name) else {
+            return Ok(vec![base.to_vec()]); // a 4-bit weight without LoRA: dequantized only
+        };
+        let merged = match action {
             Action::Lora(module) => {
                 let a = self.adapter.tensor_f32(&module.a);
                 let b = self.adapter.tensor_f32(&module.b);
@@ -202,12 +256,52 @@ pub fn merge_adapter(
     let base = Checkpoint::open(base_dir)?;
     let rewrite = LoraRewrite::new(&adapter, &base, base_dir)?;
     prepare_out_dir(out_dir, &[base_dir, adapter_dir], options.overwrite)?;
-    let stream = rewrite_checkpoint(&base, base_dir, out_dir, &rewrite, options.progress)?;
-    let side_files = if base_dir.is_dir() {
-        copy_side_files(base_dir, Some(adapter_dir), out_dir)?
+    // With requantize, the 16-bit merge goes to a temporary folder beside the output first.
+    let sixteen_bit_dir = if options.requantize {
+        let name = out_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = out_dir.with_file_name(format!(".{name}.merged-16bit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&temp);
+        std::fs::create_dir_all(&temp).map_err(|e| Error::io(&temp, e))?;
+        temp
     } else {
-        Vec::new()
+        out_dir.to_path_buf()
     };
+    let result = (|| {
+        let stream = rewrite_checkpoint(
+            &base,
+            base_dir,
+            &sixteen_bit_dir,
+            &rewrite,
+            options.progress,
+        )?;
+        let side_files = if base_dir.is_dir() {
+            copy_side_files(base_dir, Some(adapter_dir), &sixteen_bit_dir)?
+        } else {
+            Vec::new()
+        };
+        if !rewrite.quantized.is_empty() {
+            drop_quantization_config(&sixteen_bit_dir)?;
+        }
+        if options.requantize {
+            let settings = rewrite.quantized.values().next();
+            let quantize = QuantizeOptions {
+                blocksize: settings.map_or(64, |s| s.blocksize),
+                quant_type: settings.map_or(crate::quant::nf4::QuantType::Nf4, |s| s.quant_type),
+                double_quant: settings.is_none_or(|s| s.nested_offset.is_some()),
+                progress: options.progress,
+                ..QuantizeOptions::default()
+            };
+            quantize_checkpoint(&sixteen_bit_dir, out_dir, &quantize)?;
+        }
+        Ok((stream, side_files))
+    })();
+    if options.requantize {
+        let _ = std::fs::remove_dir_all(&sixteen_bit_dir);
+    }
+    let (stream, side_files) = result?;
     Ok(MergeSummary {
         stream,
         modules_merged: adapter.modules.len(),
@@ -220,4 +314,26 @@ pub fn merge_adapter(
         side_files,
         warnings: adapter.warnings.clone(),
     })
+}
+
+/// Rewrites `dir/config.json` without `quantization_config` (the merged model is 16-bit).
+fn drop_quantization_config(dir: &Path) -> Result<()> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| {
+            Error::format(
+                &path,
+                format!("line {}", e.line()),
+                format!("invalid JSON: {e}"),
+            )
+        })?;
+    if config.remove("quantization_config").is_some() {
+        let text = serde_json::to_string_pretty(&config).expect("config serializes");
+        crate::io::atomic::write_atomic(&path, text.as_bytes())?;
+    }
+    Ok(())
 }

@@ -3,9 +3,14 @@
 
 pub mod adapter;
 pub mod apply;
+pub mod combine;
 pub mod convert;
+pub mod extract;
+pub mod gguf;
 pub mod lora;
+pub mod quantized;
 pub mod stream;
+pub mod svd;
 
 pub use adapter::{Adapter, LoraConfig, TargetModules};
 pub use apply::{merge_adapter, MergeOptions, MergeSummary};

@@ -22,6 +22,8 @@ use crate::io::{AtomicFile, Checkpoint, SafeTensors, SafetensorsWriter, TensorIn
 
 /// Computed tensors allowed to wait for the writer.
 const QUEUE: usize = 2;
+/// Writeback of the output is started every this many bytes, overlapping disk and compute.
+const WRITEBACK_EVERY: u64 = 64 << 20;
 
 /// What becomes of one input tensor.
 pub enum Plan {
@@ -116,7 +118,9 @@ pub fn rewrite_checkpoint(
             let (send, receive) = sync_channel::<Item>(QUEUE);
             let writer_thread = scope.spawn(move || -> Result<(u64, SafetensorsWriter)> {
                 let mut written = 0u64;
+                let mut since_writeback = 0u64;
                 for item in receive {
+                    let before = written;
                     match item {
                         Item::Computed(tensors, names) => {
                             for (name, bytes) in names.iter().zip(&tensors) {
@@ -125,10 +129,16 @@ pub fn rewrite_checkpoint(
                             }
                         }
                         Item::Copied(file, info) => {
+                            populate(file, info);
                             writer.write(&info.name, file.slice(info))?;
                             written += (info.end - info.begin) as u64;
                             release(file, info);
                         }
+                    }
+                    since_writeback += written - before;
+                    if since_writeback >= WRITEBACK_EVERY {
+                        writer.start_writeback()?;
+                        since_writeback = 0;
                     }
                 }
                 Ok((written, writer))
@@ -146,6 +156,7 @@ pub fn rewrite_checkpoint(
                         Item::Copied(file, info)
                     }
                     Plan::Rewrite(new) => {
+                        populate(file, info);
                         let tensors = match rewrite.compute(source, info) {
                             Ok(t) => t,
                             Err(e) => {
@@ -192,6 +203,18 @@ pub fn rewrite_checkpoint(
     summary.seconds = start.elapsed().as_secs_f64();
     reporter.finish(&summary);
     Ok(summary)
+}
+
+/// Maps the pages of `info` in one call (instead of one fault per page as they are read).
+fn populate(file: &SafeTensors, info: &TensorInfo) {
+    let len = info.end - info.begin;
+    if len > 0 {
+        let _ = file.mmap().advise_range(
+            memmap2::Advice::PopulateRead,
+            file.data_start() + info.begin,
+            len,
+        );
+    }
 }
 
 /// Drops the mapped pages of `info` from this process (they stay in the page cache).

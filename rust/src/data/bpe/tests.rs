@@ -139,31 +139,3 @@ fn byte_map_matches_gpt2() {
     let distinct: std::collections::HashSet<char> = chars.iter().copied().collect();
     assert_eq!(distinct.len(), 256);
 }
-
-#[test]
-fn short_word_keys_are_distinct_and_exact() {
-    let mut seen = std::collections::HashMap::new();
-    let words: Vec<Vec<u8>> = (0..=15)
-        .flat_map(|n| {
-            [
-                vec![b'a'; n],
-                vec![0u8; n],
-                (0..n as u8).collect(),
-                (0..n as u8).map(|i| 255 - i).collect(),
-            ]
-        })
-        .collect();
-    for w in &words {
-        let key = pack_short(w).unwrap();
-        if let Some(other) = seen.insert(key, w.clone()) {
-            assert_eq!(&other, w, "collision");
-        }
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&key[0].to_le_bytes());
-        bytes[8..].copy_from_slice(&key[1].to_le_bytes());
-        assert_eq!(&bytes[..w.len()], &w[..]);
-        assert!(bytes[w.len()..15].iter().all(|&b| b == 0));
-        assert_eq!(bytes[15] as usize, w.len());
-    }
-    assert!(pack_short(&[b'x'; 16]).is_none());
-}
