@@ -240,3 +240,22 @@ def test_bf16_autocast_step_is_close_to_fp32():
     cosine = F.cosine_similarity(model.lm_head.weight.grad.flatten(), fp32_grad.flatten(), dim=0)
     assert cosine > 0.99
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_chunked_cross_entropy_equals_full_logits():
+    from ferrotune.train.losses import chunked_cross_entropy_sum, token_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (2, 9), generator=g)
+    labels[0, :4] = -100
+    full = token_cross_entropy_sum(hidden @ weight.T, labels)
+    full.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    chunked = chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=4)
+    chunked.backward()
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(hidden.grad, grads[0])
+    torch.testing.assert_close(weight.grad, grads[1])
