@@ -19,9 +19,8 @@ Double quantization: `offset = mean(absmax)`, then `absmax - offset` in blocks o
 from __future__ import annotations
 
 import functools
-from pathlib import Path
-
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
