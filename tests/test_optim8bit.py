@@ -66,3 +66,24 @@ def test_small_parameters_match_fp32_adamw_exactly_enough() -> None:
     _, model, _ = _train(AdamW8bit, steps=5, min_8bit_size=10**9)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_training_config_selects_adamw8bit_and_it_trains() -> None:
+    from ferrotune.config import TrainConfig
+    from ferrotune.train.loop import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 1))
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw8bit", lr=1e-2, weight_decay=0.1))
+    assert isinstance(opt, AdamW8bit)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # matrices decay, vectors not
+    x = torch.randn(256, 64)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]

@@ -43,15 +43,19 @@ def test_dequantize_agrees_with_rust_and_reference(quant_type: str, double_quant
 
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_triton_kernel_matches_the_torch_path(double_quant: bool) -> None:
-    """Under Triton's CPU interpreter: bit for bit in fp32 and fp16. (The interpreter narrows to
-    bf16 by truncation, not the GPU's round-to-nearest-even, so bf16 is checked to one ulp here
-    and bit for bit on the GPU by bench/nf4_gpu_check.py.)"""
+    """The Triton kernel against the PyTorch path: on a GPU bit for bit in every dtype; without one
+    under Triton's CPU interpreter, bit for bit in fp32 and fp16 (the interpreter narrows to bf16 by
+    truncation, not the GPU's round-to-nearest-even, so bf16 is checked to one ulp there)."""
     layer = NF4Linear.from_linear(_linear(33, 128), double_quant=double_quant)
+    on_gpu = torch.cuda.is_available()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        torch_path = layer.dequantize(dtype)
-        with cpu_interpreter():
-            triton_path = layer.dequantize(dtype)
-        if dtype == torch.bfloat16:
+        torch_path = layer.dequantize(dtype)  # CPU tensors: the PyTorch path
+        if on_gpu:
+            triton_path = copy.deepcopy(layer).cuda().dequantize(dtype).cpu()
+        else:
+            with cpu_interpreter():
+                triton_path = layer.dequantize(dtype)
+        if dtype == torch.bfloat16 and not on_gpu:
             ulp = (torch_path.view(torch.int16).int() - triton_path.view(torch.int16).int()).abs()
             assert ulp.max() <= 1
         else:

@@ -65,6 +65,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
+    # "adamw8bit": both moments stored in 8 bits, blockwise (ferrotune.train.optim8bit)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     max_grad_norm: float = 1.0  # 0: no clipping
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     device: str = "auto"

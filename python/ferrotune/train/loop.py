@@ -129,9 +129,9 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not. Fused
-    kernels on CUDA."""
+    kernels on CUDA; `train.optimizer = "adamw8bit"` keeps both moments in 8 bits."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
@@ -140,6 +140,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    betas = (cfg.betas[0], cfg.betas[1])
+    if cfg.optimizer == "adamw8bit":
+        from ferrotune.train.optim8bit import AdamW8bit
+
+        return AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     fused = all(p.is_cuda for _, p in named)
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=fused or None
