@@ -214,3 +214,14 @@ def test_bnb_state_dict_round_trips_the_checkpoint_bytes(checkpoints: dict[str, 
     assert sorted(ours) == sorted(k for k in stored if k.startswith(prefix))
     for key, value in ours.items():
         assert torch.equal(value, stored[key]), key
+
+
+def test_merging_lora_into_an_nf4_base_is_refused_not_silently_skipped() -> None:
+    from ferrotune.errors import ConfigError
+    from ferrotune.peft import LoraConfig, apply_peft, merge
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    quantize_linears(model, skip=())
+    apply_peft(model, LoraConfig(r=4, target_modules=["0"]))
+    with pytest.raises(ConfigError, match="ferrotune merge"):
+        merge(model)

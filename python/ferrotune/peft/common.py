@@ -231,3 +231,15 @@ def wrap_modules_to_save(model: nn.Module, names: Sequence[str], adapter: str) -
     if missing:
         raise ConfigError(f"modules_to_save: no module named {missing}")
     return wrapped
+
+
+def require_mergeable_base(layer: nn.Module, method: str) -> None:
+    """Merging writes into the base weight, so it must be a stored parameter. A quantized base
+    (NF4Linear, GPTQLinear) only computes its weight on the fly: refuse instead of silently doing
+    nothing, and point at the streaming merge that handles 4-bit bases."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        raise ConfigError(
+            f"cannot merge {method} into a {type(layer).__name__} in memory (its weight is quantized); "
+            "use `ferrotune merge BASE ADAPTER OUT`, which merges into the dequantized or original weights"
+        )

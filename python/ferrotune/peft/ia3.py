@@ -26,6 +26,7 @@ from ferrotune.peft.common import (
     check_adapter_name,
     find_targets,
     replace_module,
+    require_mergeable_base,
     wrap_modules_to_save,
 )
 
@@ -102,6 +103,7 @@ class IA3Linear(nn.Module):
         scale = None if self.merged else self.scale()
         if scale is None:
             return
+        require_mergeable_base(self.base_layer, "IA3")
         base = self.base_layer
         scale = scale.float()
         if self.is_feedforward:

@@ -42,6 +42,7 @@ from ferrotune.peft.common import (
     find_targets,
     pattern_value,
     replace_module,
+    require_mergeable_base,
     wrap_modules_to_save,
 )
 
@@ -275,6 +276,7 @@ class LoraLinear(nn.Module):
         """W <- c ⊙_row W + D (see `_merge_terms`); the DoRA factors are kept for `unmerge`."""
         if self.merged:
             return
+        require_mergeable_base(self.base_layer, "LoRA")
         weights = {n: w for n, w in self.active.items() if n in self.lora_A}
         factors = self._row_factors(weights)
         row, add = self._merge_terms(weights, factors)
