@@ -244,3 +244,43 @@ def test_ppo_adds_a_value_adapter_beside_a_single_policy_adapter():
     value_b = [p for n, p in model.named_parameters() if "lora_B.value" in n]
     assert value_b and any(float(p.detach().abs().sum()) > 0 for p in value_b)  # trained from zero init
     assert all("lora_A.default.lora" not in n for n, _ in model.named_parameters())  # no nesting
+
+
+def test_ppo_on_an_nf4_base_with_policy_value_and_reward_adapters():
+    """QLoRA-style RLHF: the shared base is 4-bit (NF4 + double quantization); policy, value and
+    reward are LoRA adapters on it, the reference is the bare 4-bit base. PPO trains the policy
+    and leaves the packed 4-bit codes, their statistics and the reward adapter untouched."""
+    from ferrotune.quant.nf4 import NF4Linear, quantize_linears
+
+    model = tiny_lm(seed=7)
+    replaced = quantize_linears(model, skip=("lm_head",))
+    assert len(replaced) == 2 * 7 and all(isinstance(model.get_submodule(n), NF4Linear) for n in replaced)
+    for name, init in (("reward", "gaussian"), ("policy", "default"), ("value", "default")):
+        apply_peft(model, LoraConfig(r=4, alpha=8, target_modules=LORA_TARGETS, init=init), name)
+    reward_model = RewardModel(model.config, backbone=model.model)
+    init_score_head(reward_model, torch.Generator().manual_seed(2))
+    reward_model.score.requires_grad_(False)
+    base_state = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}
+    reward_before = {n: p.clone() for n, p in model.named_parameters() if ".reward" in n}
+    policy_before = {n: p.clone() for n, p in model.named_parameters() if ".policy" in n}
+    reward = reward_from_model(reward_model, PAD, adapter="reward", restore="policy")
+    method = PPOConfig(rollout_batch=8, minibatch=4, ppo_epochs=2, max_new_tokens=3, kl_coef=0.05)
+    history = train_ppo(
+        model,
+        PROMPTS,
+        reward,
+        method,
+        TrainConfig(steps=2, lr=1e-2),
+        stop_tokens=[EOS],
+        pad_id=PAD,
+        quiet=True,
+    )
+    assert len(history) == 2 and all(h["kl"] >= -1e-6 for h in history)
+    state = model.state_dict()
+    for name, value in base_state.items():
+        if name in state and "value_head" not in name and "score" not in name:
+            assert torch.equal(state[name], value), name
+    params = dict(model.named_parameters())
+    for name, value in reward_before.items():
+        assert torch.equal(params[name], value), name
+    assert any(not torch.equal(params[n], v) for n, v in policy_before.items())
