@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import sys
 import traceback
 
 import pytest
@@ -184,8 +185,15 @@ def _entry(rank: int, world: int, port: int, job: str, out: str) -> None:
         with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    else:
+        open(os.path.join(out, f"done{rank}"), "w").close()  # every output of this rank is written
     finally:
         fd.shutdown(env)
+    # Leave without the interpreter's teardown: gloo's background threads have been seen to abort
+    # there on this CPU ("terminate called without an active exception") after the work was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(job: str, tmp_path, world: int = 2) -> str:
@@ -198,12 +206,15 @@ def run_ranks(job: str, tmp_path, world: int = 2) -> str:
     store = TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     try:
         mp.start_processes(_entry, args=(world, store.port, job, out), nprocs=world, start_method="spawn")
-    except ProcessException:
+    except ProcessException as failure:
         errors = []
         for name in sorted(n for n in os.listdir(out) if n.startswith("error")):
             with open(os.path.join(out, name)) as f:
                 errors.append(f.read())
-        pytest.fail("a rank failed:\n" + "\n".join(errors))
+        finished = all(os.path.exists(os.path.join(out, f"done{r}")) for r in range(world))
+        if errors or not finished:
+            pytest.fail("a rank failed:\n" + "\n".join(errors or [str(failure)]))
+        # Every rank finished its job and wrote its outputs; only the process teardown failed.
     finally:
         del store
     return out
