@@ -259,3 +259,27 @@ def test_chunked_cross_entropy_equals_full_logits():
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(hidden.grad, grads[0])
     torch.testing.assert_close(weight.grad, grads[1])
+
+
+def test_tensorboard_events_and_loss_curve_png(tmp_path):
+    """With tensorboard and matplotlib installed (both in the test environment) a run writes
+    TensorBoard scalars for every logged metric and a loss-curve PNG at the end."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(tmp_path, steps=4)
+    config.run.tensorboard = True
+    config.run.plot = True
+    rows = packed_rows(8)
+    result = train_loop(
+        tiny_model(), config, RowBatches(rows, 2), eval_batches=RowBatches(rows[:4], 2), quiet=True
+    )
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in losses]), torch.tensor(result.losses), rtol=1e-5, atol=1e-6
+    )
+    assert "eval_loss" in events.Tags()["scalars"]
