@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -476,6 +477,9 @@ class LlamaModel(nn.Module):
         # With checkpointing on, only the first N blocks recompute (None: all). Memory left over
         # by full checkpointing buys speed: each block not recomputed saves a forward pass.
         self.checkpointed_layers: int | None = None
+        # Checkpointed blocks keep their inputs in host memory (ferrotune.train.offload).
+        self.activation_offload = False
+        self._offloader: Any = None
         # "auto": FlexAttention for packed rows on CUDA, SDPA otherwise; "sdpa"; "flex" (tests).
         self.attention_backend = "auto"
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -512,16 +516,28 @@ class LlamaModel(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
 
         mask = self._attention_mask(x, document_ids, kv_cache, prefix_kv)
+        offloader = self._block_offloader() if self.activation_offload and torch.is_grad_enabled() else None
         for i, layer in enumerate(self.layers):
             prefix = prefix_kv[i] if prefix_kv is not None else None
             recompute = self.checkpointed_layers is None or i < self.checkpointed_layers
             if self.gradient_checkpointing and recompute and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, None, prefix, use_reentrant=False)
+                if offloader is not None and prefix is None:
+                    x = offloader.checkpoint(partial(layer, cos=cos, sin=sin, mask=mask), x)
+                else:
+                    x = checkpoint(layer, x, cos, sin, mask, None, prefix, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, prefix)
         if kv_cache is not None:
             kv_cache.length += length
         return self.norm(x)
+
+    def _block_offloader(self) -> Any:
+        from ferrotune.train.offload import BlockOffloader
+
+        if self._offloader is None:
+            self._offloader = BlockOffloader()
+        self._offloader.begin_pass()
+        return self._offloader
 
     def _attention_mask(
         self,
