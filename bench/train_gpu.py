@@ -5,7 +5,8 @@ q,k,v,o,gate,up,down), fused AdamW, same timing (warm-up steps, then the median 
 `torch.cuda.synchronize()` calls) and the same JSON fields, one line per case, so the ratio comes
 from one run. Our differences are the point: the chunked LM-head loss (no full logits), the
 Triton kernels, packed rows with a document mask instead of padding (varlen cases), NF4 through
-ferrotune.quant.
+ferrotune.quant, LoRA as one fused autograd node (`_unfused` cases: the plain composition), and
+block inputs offloaded to host memory (`_offload` cases, and the 131k QLoRA case).
 
     python bench/train_gpu.py lora8b,qlora8b,full1b,lora8b_varlen     # OUT=dir for results.jsonl
 """
@@ -23,6 +24,7 @@ import time
 import torch
 from ferrotune import kernels
 from ferrotune.kernels import linear_cross_entropy
+from ferrotune.kernels.lora import set_fused_lora
 from ferrotune.models.llama import CausalLM, LlamaConfig
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -120,8 +122,9 @@ def packed_row(lengths: list[int], vocab: int, g: torch.Generator, row: int) -> 
 
 
 def train_case(
-    name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False, compile_blocks=False, checkpointed=None
-):
+    name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False, compile_blocks=False, checkpointed=None,
+    fused=True, offload=False,
+):  # fmt: skip
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -129,6 +132,8 @@ def train_case(
     inner = model.model if hasattr(model, "model") and isinstance(model.model, CausalLM) else model
     inner.gradient_checkpointing = gc_on
     inner.model.checkpointed_layers = checkpointed
+    inner.model.activation_offload = offload  # checkpointed blocks keep their inputs in host memory
+    set_fused_lora("auto" if fused else "never")  # "never": LoRA as the plain module composition
     if compile_blocks:
         kernels.set_enabled(False)  # Inductor fuses the plain formulas itself
         for layer in inner.model.layers:
@@ -175,11 +180,22 @@ def train_case(
               trainable=ntrain, step_s_median=round(med, 4), step_s_min=round(times[0], 4),
               tokens_per_s=round(bsz * seq / med, 1), useful_tokens_per_s=round(useful / sum(times), 1),
               weights_gib=round(weights_gib, 2), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed))  # fmt: skip
+              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed,
+              fused_lora=fused and mode != "full" and not compile_blocks, activation_offload=offload,
+              offloaded_gib_per_step=round(offloaded_gib(inner), 2)))  # fmt: skip
     kernels.set_enabled(True)
+    set_fused_lora("auto")
     del model, opt, params, loss
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def offloaded_gib(model: CausalLM) -> float:
+    """Block inputs moved to host memory per step (0 without offload)."""
+    offloader = model.model._offloader
+    if offloader is None or offloader.stats.passes == 0:
+        return 0.0
+    return offloader.stats.to_host_bytes / 2**30 / offloader.stats.passes
 
 
 CASES = {
@@ -203,8 +219,29 @@ CASES = {
     "lora8b_16k": lambda: train_case("lora8b_16k", L8B, "lora", 1, 16384, True, steps=3, warm=1),
     "lora8b_32k": lambda: train_case("lora8b_32k", L8B, "lora", 1, 32768, True, steps=3, warm=1),
     "lora8b_65k": lambda: train_case("lora8b_65k", L8B, "lora", 1, 65536, True, steps=2, warm=1),
-    "qlora8b_131k": lambda: train_case("qlora8b_131k", L8B, "qlora", 1, 131072, True, steps=2, warm=1),
+    # QLoRA 8B on one 131,072-token sequence: every block checkpointed, block inputs in host memory
+    "qlora8b_131k": lambda: train_case(
+        "qlora8b_131k", L8B, "qlora", 1, 131072, True, steps=2, warm=1, offload=True
+    ),
+    "qlora8b_131k_nooffload": lambda: train_case(
+        "qlora8b_131k_nooffload", L8B, "qlora", 1, 131072, True, steps=2, warm=1
+    ),
+    # activation offload (ferrotune.train.offload) against the same case without it
+    "lora8b_65k_offload": lambda: train_case(
+        "lora8b_65k_offload", L8B, "lora", 1, 65536, True, steps=2, warm=1, offload=True
+    ),
+    "lora8b_offload": lambda: train_case("lora8b_offload", L8B, "lora", 4, 2048, True, offload=True),
+    "qlora8b_offload": lambda: train_case("qlora8b_offload", L8B, "qlora", 4, 2048, True, offload=True),
+    # the fused LoRA node (kernels.lora_linear) is the default; these take the plain composition
+    "lora8b_unfused": lambda: train_case("lora8b_unfused", L8B, "lora", 4, 2048, True, fused=False),
+    "lora8b_sel22_unfused": lambda: train_case(
+        "lora8b_sel22_unfused", L8B, "lora", 4, 2048, True, checkpointed=22, fused=False
+    ),
+    "qlora8b_unfused": lambda: train_case("qlora8b_unfused", L8B, "qlora", 4, 2048, True, fused=False),
 }
+CASES["lora8b_sel22_fused"] = lambda: train_case(
+    "lora8b_sel22_fused", L8B, "lora", 4, 2048, True, checkpointed=22
+)
 
 if __name__ == "__main__":
     for case in (sys.argv[1] if len(sys.argv) > 1 else "lora8b").split(","):

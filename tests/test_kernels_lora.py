@@ -226,3 +226,26 @@ def test_fused_node_dispatches_fewer_ops():
             kernels.set_enabled(True)
         counts.append(ops.count)
     assert counts[0] < counts[1], counts
+
+
+# ---------------------------------------------------------------- the parity benchmark
+
+
+def test_parity_benchmark_runs_tiny_on_the_cpu():
+    """bench/parity_gpu.py --tiny: fast paths (fused LoRA on) and references train the same curve
+    in fp32 on the CPU, and the script's JSON holds what the GPU run reports."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "parity_gpu.py"
+    spec = importlib.util.spec_from_file_location("parity_gpu", path)
+    assert spec is not None and spec.loader is not None
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    result = parity.main(["--tiny", "--steps", "10"])
+    for method in ("full", "lora"):
+        run = result[method]
+        assert len(run["fast"]["curve"]) == len(run["reference"]["curve"]) == 1
+        assert run["max_smoothed_gap_fast_vs_reference"] <= 1e-4
+        assert run["bf16_noise_estimate"] > 0  # another data order moves the curve
+        assert run["within_noise"]

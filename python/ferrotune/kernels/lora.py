@@ -37,7 +37,28 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ferrotune.kernels import _dispatch
+
 WeightSource = torch.Tensor | Callable[[torch.dtype], torch.Tensor]
+
+_fused_mode = "auto"
+
+
+def set_fused_lora(mode: str) -> None:
+    """Where `LoraLinear` takes the fused node: "auto" (where the fast paths run: CUDA, or the
+    CPU inside `cpu_interpreter()`), "always" (any device: the node is plain PyTorch) or "never"
+    (the plain composition: the reference for benchmarks). `set_enabled(False)` overrides all."""
+    global _fused_mode
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"fused LoRA mode must be auto, always or never, got {mode!r}")
+    _fused_mode = mode
+
+
+def fused_lora_runs_on(x: torch.Tensor) -> bool:
+    if _fused_mode == "never" or not _dispatch._enabled:
+        return False
+    return _fused_mode == "always" or _dispatch.triton_runs_on(x)
+
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 

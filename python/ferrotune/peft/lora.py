@@ -38,7 +38,7 @@ from torch import nn
 
 from ferrotune.errors import ConfigError
 from ferrotune.kernels import lora_linear
-from ferrotune.kernels._dispatch import triton_runs_on
+from ferrotune.kernels.lora import fused_lora_runs_on
 from ferrotune.peft.common import (
     check_adapter_name,
     find_targets,
@@ -218,10 +218,11 @@ class LoraLinear(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """One autograd node (`ferrotune.kernels.lora_linear`: fewer saved tensors and launches)
-        where the fast paths serve x (CUDA, kernels enabled) and the layer is one active plain
-        LoRA adapter over an `nn.Linear` or `NF4Linear` base; None means: take the plain path.
+        where the fast paths serve x (CUDA, kernels enabled; see `kernels.lora.set_fused_lora`)
+        and the layer is one active plain LoRA adapter over an `nn.Linear` or `NF4Linear` base;
+        None means: take the plain path.
         DoRA, several active adapters and other bases always take the plain path."""
-        if self.disabled or self.merged or len(self.active) != 1 or not triton_runs_on(x):
+        if self.disabled or self.merged or len(self.active) != 1 or not fused_lora_runs_on(x):
             return None
         ((name, adapter_weight),) = self.active.items()
         if name not in self.lora_A or name in self.lora_magnitude_vector:

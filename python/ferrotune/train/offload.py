@@ -43,6 +43,7 @@ class OffloadStats:
     to_host_bytes: int = 0
     to_device_bytes: int = 0
     blocks: int = 0
+    passes: int = 0
 
 
 class _HostCopy:
@@ -155,6 +156,7 @@ class BlockOffloader:
 
     def begin_pass(self) -> None:
         self._last = None
+        self.stats.passes += 1
 
     def offload(self, x: torch.Tensor) -> _HostCopy:
         self._last = _HostCopy(x, self, self._last)
