@@ -4,12 +4,14 @@ NF4 bases; and it keeps fewer bytes for backward and dispatches fewer ops."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from ferrotune import kernels
 from ferrotune.kernels import lora_linear, lora_linear_reference
-from ferrotune.kernels._dispatch import cpu_interpreter
-from ferrotune.kernels.lora import pack_bits, unpack_bits
+from ferrotune.kernels._dispatch import triton_runs_on
+from ferrotune.kernels.lora import fused_lora_runs_on, pack_bits, set_fused_lora, unpack_bits
 from ferrotune.peft.lora import LoraLinear
 from ferrotune.quant.nf4 import NF4Linear
 from torch import nn
@@ -110,18 +112,41 @@ def lora_layer(base: nn.Module, dropout: float, dora: bool = False) -> LoraLinea
     return layer
 
 
-def layer_run(layer: LoraLinear, x: torch.Tensor, fast: bool):
-    """(output, grad_fn name, dx, dA, dB) with the fast paths on (under the CPU dispatch rule the
-    kernel tests use) or off."""
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    kernels.set_enabled(fast)
+@contextlib.contextmanager
+def fast_paths(on: bool):
+    """The fused node on any device (it is plain PyTorch), or every reference."""
+    kernels.set_enabled(on)
+    set_fused_lora("always")
     try:
-        with cpu_interpreter():
-            torch.manual_seed(11)
-            y = layer(x)
+        yield
     finally:
         kernels.set_enabled(True)
+        set_fused_lora("auto")
+
+
+def test_dispatch_rule():
+    x = torch.zeros(2, IN)
+    assert fused_lora_runs_on(x) == triton_runs_on(x)  # "auto": where the fast paths run
+    with fast_paths(True):
+        assert fused_lora_runs_on(x)
+    with fast_paths(False):
+        assert not fused_lora_runs_on(x)  # set_enabled(False) wins
+    set_fused_lora("never")
+    try:
+        assert not fused_lora_runs_on(x)
+    finally:
+        set_fused_lora("auto")
+    with pytest.raises(ValueError, match="auto, always or never"):
+        set_fused_lora("sometimes")
+
+
+def layer_run(layer: LoraLinear, x: torch.Tensor, fast: bool):
+    """(output, grad_fn name, dx, dA, dB) with the fast paths on or off."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    with fast_paths(fast):
+        torch.manual_seed(11)
+        y = layer(x)
     y.pow(2).sum().backward()
     name = type(y.grad_fn).__name__
     return y.detach(), name, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
@@ -218,12 +243,8 @@ def test_fused_node_dispatches_fewer_ops():
     x = torch.randn(4, 6, IN, requires_grad=True)
     counts = []
     for fast in (True, False):
-        kernels.set_enabled(fast)
-        try:
-            with cpu_interpreter(), CountOps() as ops:
-                layer(x).sum().backward()
-        finally:
-            kernels.set_enabled(True)
+        with fast_paths(fast), CountOps() as ops:
+            layer(x).sum().backward()
         counts.append(ops.count)
     assert counts[0] < counts[1], counts
 

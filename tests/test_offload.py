@@ -9,6 +9,7 @@ import pytest
 import torch
 from ferrotune.config import load_config
 from ferrotune.errors import ConfigError
+from ferrotune.kernels.lora import set_fused_lora
 from ferrotune.models.llama import CausalLM, LlamaConfig
 from ferrotune.peft import LoraConfig, apply_peft
 
@@ -62,8 +63,19 @@ def assert_same(a, b, tol=0.0):
         torch.testing.assert_close(a[1][name], b[1][name], atol=tol, rtol=tol, msg=name)
 
 
-@pytest.mark.parametrize(("method", "dropout"), [("full", 0.0), ("lora", 0.0), ("lora", 0.2)])
-def test_offloaded_checkpointing_gives_the_same_loss_and_grads(method, dropout):
+@pytest.mark.parametrize(
+    ("method", "dropout", "fused_lora"),
+    [("full", 0.0, "auto"), ("lora", 0.0, "never"), ("lora", 0.2, "never"), ("lora", 0.2, "always")],
+)
+def test_offloaded_checkpointing_gives_the_same_loss_and_grads(method, dropout, fused_lora):
+    set_fused_lora(fused_lora)  # "always": the fused LoRA node inside the offloaded blocks
+    try:
+        run_offload_case(method, dropout)
+    finally:
+        set_fused_lora("auto")
+
+
+def run_offload_case(method: str, dropout: float) -> None:
     model = tiny_model(method, dropout)
     plain = loss_and_grads(model, checkpoint=False, offload=False)
     checkpointed = loss_and_grads(model, checkpoint=True, offload=False)
