@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         shape, steps, batch_size, seq_len, documents, vocab_size = TINY_SHAPE, 20, 2, 64, 120, 320
         device, dtype = "cpu", torch.float32
     else:
-        shape, steps, batch_size, seq_len, documents, vocab_size = FULL_SHAPE, 300, 8, 1024, 30000, 2048
+        shape, steps, batch_size, seq_len, documents, vocab_size = FULL_SHAPE, 300, 8, 1024, 12000, 2048
         device, dtype = "cuda", torch.bfloat16
     steps = args.steps or steps
     started = time.perf_counter()
