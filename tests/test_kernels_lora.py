@@ -205,11 +205,15 @@ def saved_bytes(fn, params: list[torch.Tensor]) -> int:
         # dropout(x) for x, and the mask as bytes (CUDA; the CPU keeps it in x's dtype) vs bits
         (0.1, torch.bfloat16, lambda n: n - n // 8),
         (0.0, torch.float32, lambda n: (R * IN + OUT * R) * 2),  # autocast: bf16 casts of A and B
+        # autocast over an fp32 base too: the plain path also keeps the bf16 cast of W
+        (0.0, "all-fp32", lambda n: (R * IN + OUT * R + OUT * IN) * 2),
     ],
 )
 def test_fused_node_keeps_fewer_bytes_for_backward(dropout, adapter_dtype, plain_extra):
     """bf16 activations. The plain composition keeps at least `plain_extra` more bytes."""
     x, w, b, a, bb = make_inputs(torch.bfloat16, True)
+    if adapter_dtype == "all-fp32":
+        adapter_dtype, w, b = torch.float32, w.float(), b.float()
     x.requires_grad_(True)
     a, bb = a.to(adapter_dtype).requires_grad_(True), bb.to(adapter_dtype).requires_grad_(True)
     params = [w, b, a, bb]

@@ -15,7 +15,8 @@ dropout, A linear, B linear, scale, add):
 - saved for backward: x (in the compute dtype) and xa (N, r) only. The plain path keeps
   dropout(x) (a full (N, in) copy) and its mask (a byte per element) when p > 0, where this
   node keeps x and the mask as bits (in / 8 bytes a row); under autocast the plain path also
-  keeps bf16 casts of A and B. With p = 0 and no autocast both keep x and xa.
+  keeps the bf16 casts of A and B, and of W when W is wider (this node casts W again in
+  backward). With p = 0 and no autocast both keep x and xa.
 - the LoRA up-projection is the epilogue of one GEMM (`addmm_` into the base output with
   alpha = s), so the (N, out) intermediates delta, s·delta and y + delta are never made; in
   backward dx takes the LoRA term in place (`addmm_`) instead of adding two (N, in) tensors.

@@ -232,7 +232,7 @@ class LoraLinear(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         if isinstance(base, NF4Linear):
             weight: object = base.dequantize
-            same_dtype = x.dtype == a.dtype == b.dtype == base.compute_dtype
+            same_dtype = x.dtype == a.dtype == b.dtype  # dequantized to x's dtype, as NF4Linear does
         elif type(base) is nn.Linear:
             weight = base.weight
             same_dtype = x.dtype == a.dtype == b.dtype == base.weight.dtype
