@@ -172,6 +172,19 @@ def test_swiglu_linear_under_autocast_matches_reference():
     assert_close_all(fast, ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bf16 is a CUDA feature")
+def test_linear_cross_entropy_under_autocast_keeps_fp32_gradients():
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(37, 64, generator=g).to(DEVICE)  # fp32 hidden states and head, bf16 compute
+    w = (0.1 * torch.randn(300, 64, generator=g)).to(DEVICE)
+    y = torch.randint(0, 300, (37,), generator=g).to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = grads_of(lambda h, w: linear_cross_entropy(h, w, y, chunk_size=16), h, w)
+        ref = grads_of(lambda h, w: linear_cross_entropy_reference(h, w, y), h, w)
+    assert fast[1][0].dtype == fast[1][1].dtype == torch.float32
+    assert_close_all(fast, ref, atol=3e-2, rtol=3e-2)
+
+
 def test_model_fast_paths_match_the_reference_model():
     """A whole decoder (RMSNorm, RoPE, SwiGLU and the row-wise cross-entropy kernels) against the
     same weights with every kernel off."""

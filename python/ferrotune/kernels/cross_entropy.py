@@ -153,6 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += row_loss.sum()
             if grad is None:
                 continue
+            grad = grad.to(h.dtype)  # no-op unless autocast made the logits bf16 for fp32 hidden states
             if want_dh:
                 grad_hidden[start : start + chunk_size] = grad @ weight
             if want_dw:
