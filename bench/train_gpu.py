@@ -147,8 +147,12 @@ def train_case(
     inner.model.checkpointed_layers = checkpointed
     if compile_blocks:
         kernels.set_enabled(False)  # Inductor fuses the plain formulas itself
+        if os.environ.get("BENCH_ACT_BUDGET"):  # the partitioner recomputes until saved activations fit
+            from torch._functorch import config as functorch_config
+
+            functorch_config.activation_memory_budget = float(os.environ["BENCH_ACT_BUDGET"])
         for layer in inner.model.layers:
-            layer.compile()
+            layer.compile(mode=os.environ.get("BENCH_COMPILE_MODE") or None)
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,7 +184,9 @@ def train_case(
                 position_ids=batch.get("position_ids"),
                 document_ids=batch.get("document_ids"),
             )
+        kernels.set_enabled(True)  # the loss kernel stays on outside the compiled blocks
         loss = linear_cross_entropy(hidden, inner.lm_head.weight, batch["labels"], chunk_size=CE_CHUNK)
+        kernels.set_enabled(not compile_blocks)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
