@@ -133,9 +133,11 @@ def _normalizer(labels: torch.Tensor, normalizer: float | torch.Tensor | None) -
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, normalizer, chunk_size):
+    def forward(ctx, hidden, weight, labels, normalizer, chunk_size, grad_enabled):
         n_tokens = hidden.shape[0]
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Gradients are computed here, in forward; not at all under no_grad (evaluation).
+        want_dh = ctx.needs_input_grad[0] and grad_enabled
+        want_dw = ctx.needs_input_grad[1] and grad_enabled
         grad_hidden = torch.empty_like(hidden) if want_dh else None
         # dW accumulates across chunks in W's dtype through addmm (fp32 accumulation inside each
         # GEMM, one rounding per chunk), as a bf16 weight's own gradient would be anyway.
@@ -170,7 +172,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scaled = iter(torch._foreach_mul(stored, grad_out)) if stored else iter(())
         dh = next(scaled) if grad_hidden is not None else None
         dw = next(scaled) if grad_weight is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -189,4 +191,4 @@ def linear_cross_entropy(
         logit_bytes = hidden.element_size() if triton_runs_on(hidden) else 4  # the reference is fp32
         chunk_size = max(256, _CHUNK_BYTES // (logit_bytes * weight.shape[0]))
     z = _normalizer(labels, normalizer)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, z, chunk_size)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, z, chunk_size, torch.is_grad_enabled())
