@@ -30,7 +30,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from ferrotune.models import CausalLM, LlamaConfig
 from ferrotune.peft import LoraConfig, apply_peft
 from ferrotune.train import dist as fd
@@ -178,13 +177,11 @@ def run_case(name: str, args: argparse.Namespace, env: fd.DistEnv) -> dict:
         for micro in range(accumulation):
             chunk = local[micro * args.micro_batch : (micro + 1) * args.micro_batch]
             with fd.gradient_sync(model, micro == accumulation - 1), autocast:
-                logits = model(chunk[:, :-1])  # (micro, seq, V)
-                loss = F.cross_entropy(
-                    logits.float().reshape(-1, vocab), chunk[:, 1:].reshape(-1), reduction="sum"
-                )
+                # summed token loss through the fused linear cross-entropy (no logits tensor)
+                loss = model(chunk[:, :-1], labels=chunk[:, 1:])
                 (loss * fd.loss_scale(env) / global_tokens).backward()
             loss_sum += loss.detach()
-            del logits, loss
+            del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
