@@ -88,6 +88,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--cpu-offload", action="store_true")
+    p.add_argument(
+        "--keep-unsharded", action="store_true", help="no reshard after forward (no re-gather in backward)"
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: smoke test (gloo)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     return p.parse_args()
@@ -155,6 +158,7 @@ def run_case(name: str, args: argparse.Namespace, env: fd.DistEnv) -> dict:
         param_dtype=torch.bfloat16,
         reduce_dtype=torch.float32,
         cpu_offload=args.cpu_offload,
+        reshard_after_forward=not args.keep_unsharded,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda and not args.cpu_offload)
@@ -204,6 +208,7 @@ def run_case(name: str, args: argparse.Namespace, env: fd.DistEnv) -> dict:
         seq=args.seq,
         grad_ckpt=checkpointing,
         cpu_offload=args.cpu_offload,
+        reshard_after_forward=not args.keep_unsharded,
         trainable=sum(p.numel() for p in params),  # a DTensor's numel is the full tensor's
         loss_per_step=[round(x, 5) for x in losses],
         rank_loss_per_step=[round(x, 5) for x in local_losses],
