@@ -264,10 +264,10 @@ CASES = {
         "lora8b_sel22_unfused", L8B, "lora", 4, 2048, True, checkpointed=22, fused=False
     ),
     "qlora8b_unfused": lambda: train_case("qlora8b_unfused", L8B, "qlora", 4, 2048, True, fused=False),
+    "lora8b_sel22_fused": lambda: train_case(
+        "lora8b_sel22_fused", L8B, "lora", 4, 2048, True, checkpointed=22
+    ),
 }
-CASES["lora8b_sel22_fused"] = lambda: train_case(
-    "lora8b_sel22_fused", L8B, "lora", 4, 2048, True, checkpointed=22
-)
 
 if __name__ == "__main__":
     for case in (sys.argv[1] if len(sys.argv) > 1 else "lora8b").split(","):
