@@ -55,6 +55,11 @@ def set_fused_lora(mode: str) -> None:
     _fused_mode = mode
 
 
+def fused_lora_mode() -> str:
+    """ "auto", "always" or "never" (see `set_fused_lora`)."""
+    return _fused_mode
+
+
 def fused_lora_runs_on(x: torch.Tensor) -> bool:
     if _fused_mode == "never" or not _dispatch._enabled:
         return False
@@ -119,10 +124,12 @@ class _LoraLinear(torch.autograd.Function):
             a, b = lora_a.to(dtype), lora_b.to(dtype)
             mask_bits = None
             if dropout > 0:
-                # The plain path's mask: same RNG draw as F.dropout on an input of this shape/dtype.
-                noise = F.dropout(torch.ones(x2.shape, dtype=lora_a.dtype, device=x.device), dropout)
-                mask_bits = pack_bits(noise != 0)
-                xa = (x2 * noise.to(dtype)) @ a.t()  # (N, r)
+                # The plain path's draw: F.dropout on the very tensor the plain path drops (x in
+                # the adapter's dtype: same shape, dtype and layout, so the same random stream per
+                # element on every device). An element of x equal to 0 reads as dropped: no change.
+                dropped = F.dropout(x.to(lora_a.dtype), dropout).reshape(-1, x.shape[-1])  # (N, in)
+                mask_bits = pack_bits(dropped != 0)
+                xa = dropped.to(dtype) @ a.t()  # (N, r)
             else:
                 xa = x2 @ a.t()  # (N, r)
             y = F.linear(x2, w, None if bias is None else bias.to(dtype))  # (N, out)
