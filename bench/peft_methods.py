@@ -140,7 +140,7 @@ def run_one(name: str, base_dir: str, device: str, size: str) -> dict[str, objec
         "step_ms": round(step_ms, 1),
         "steps": steps,
         "accuracy": accuracy,
-        "bar": recipe.bar,
+        "bar": task_module.BAR,
         "device": device,
         "size": size,
     }

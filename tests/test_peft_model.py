@@ -17,6 +17,7 @@ from ferrotune.errors import ConfigError
 from ferrotune.models import load_model
 from ferrotune.models.generate import generate
 from ferrotune.peft.adapter import BottleneckAdapter
+from ferrotune.peft.lora import LoraLinear
 
 peft = pytest.importorskip("peft")
 warnings.filterwarnings("ignore", module="peft")
@@ -238,6 +239,44 @@ def test_bottleneck_placement_zero_start_and_roundtrip(checkpoint, tmp_path) -> 
     again = fp.load_adapter(copy.deepcopy(base), str(tmp_path / "b"))
     with torch.no_grad():
         torch.testing.assert_close(again(IDS), houlsby(IDS))
+
+
+def test_second_all_linear_adapter_lands_beside_the_first_as_in_peft(checkpoint) -> None:
+    """`all-linear` selects the base model's linears only: a second adapter (and a LoRA after a
+    bottleneck or a P-tuning encoder) never wraps an adapter's own layers nor `lm_head`."""
+    hf, folder = checkpoint
+    ours = load_model(folder, dtype=torch.float32).eval()
+    ours = fp.apply_peft(ours, fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "one")
+    ours = fp.apply_peft(ours, fp.LoraConfig(r=2, alpha=4, target_modules="all-linear", use_dora=True), "two")
+    randomize(ours)
+    wrapped = {n: m for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert sorted(wrapped) == sorted(f"model.layers.{i}.{part}.{leaf}" for i in (0, 1) for part, leaf in (
+        ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+        ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
+    ))  # fmt: skip
+    assert all(m.adapter_names() == ["one", "two"] for m in wrapped.values())
+    # PEFT's multi-adapter model over the transformers model: same keys, same logits
+    theirs = peft.get_peft_model(
+        copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="one"
+    )
+    theirs.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True))
+    for name in ("one", "two"):
+        state = fp.adapter_state_dict(ours, name)
+        assert sorted(state) == sorted(peft.get_peft_model_state_dict(theirs, adapter_name=name))
+        peft.set_peft_model_state_dict(theirs, state, adapter_name=name)
+    theirs.eval()
+    for active in (["one"], ["two"], ["one", "two"]):
+        fp.set_active(ours, active)
+        theirs.base_model.set_adapter(active)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(IDS), peft_logits(theirs, IDS, 0), rtol=1e-4, atol=1e-5)
+    # adapter internals are never targets: a bottleneck's and a prompt encoder's linears stay plain
+    model = load_model(folder, dtype=torch.float32)
+    model = fp.apply_peft(model, fp.BottleneckConfig(bottleneck_size=8), "adapter")
+    model = fp.apply_peft(model, fp.PromptConfig(num_virtual_tokens=2, encoder="mlp"), "ptune")
+    model = fp.apply_peft(model, fp.LoraConfig(r=2, target_modules="all-linear"), "lora")
+    lora_layers = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLinear))
+    assert lora_layers == sorted(f"base_model.{n}" for n in wrapped)
 
 
 def test_prefix_and_prompt_adapters_switch_and_disable(checkpoint) -> None:
