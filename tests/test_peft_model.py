@@ -75,6 +75,8 @@ METHODS = {
     "prefix": (fp.PrefixConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16), {}, 0),
     "p_tuning_v2": (fp.PrefixConfig(num_virtual_tokens=5), {}, 0),
     "prompt": (fp.PromptConfig(num_virtual_tokens=5), {}, 5),
+    "p_tuning_mlp": (fp.PromptConfig(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=16), {}, 4),
+    "p_tuning_lstm": (fp.PromptConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=16), {}, 4),
 }
 
 
@@ -90,6 +92,13 @@ def peft_config(method: str):  # type: ignore[no-untyped-def]
         )
     if method == "p_tuning_v2":
         return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    if method.startswith("p_tuning_"):
+        return peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=4,
+            encoder_reparameterization_type=method.removeprefix("p_tuning_").upper(),
+            encoder_hidden_size=16,
+        )
     return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
 
 
@@ -144,8 +153,6 @@ def packed_row(docs: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]
 
 ALL_METHODS = {
     **{k: v[0] for k, v in METHODS.items()},
-    "p_tuning_mlp": fp.PromptConfig(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=16),
-    "p_tuning_lstm": fp.PromptConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=16),
     "houlsby": fp.BottleneckConfig(bottleneck_size=8, placement="houlsby"),
     "pfeiffer": fp.BottleneckConfig(bottleneck_size=8, placement="pfeiffer"),
 }
@@ -314,6 +321,53 @@ def test_prompt_text_init_uses_the_token_embeddings(checkpoint) -> None:
     )
     prompt = model.prompt_encoders["default"].embedding.weight
     torch.testing.assert_close(prompt, embed[[7, 9, 7, 9, 7]])
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_p_tuning_encoder_computes_peft_prompt_encoder(encoder: str) -> None:
+    """P-tuning's reparameterisation is PEFT's `PromptEncoder` (same module names and function)."""
+    from ferrotune.peft.prompt import PromptEncoder
+    from peft.tuners.p_tuning.model import PromptEncoder as PeftPromptEncoder
+
+    torch.manual_seed(0)
+    theirs = PeftPromptEncoder(
+        peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=4,
+            token_dim=32,
+            num_transformer_submodules=1,
+            num_attention_heads=4,
+            num_layers=2,
+            encoder_reparameterization_type=encoder.upper(),
+            encoder_hidden_size=16,
+        )
+    )
+    config = fp.PromptConfig(num_virtual_tokens=4, encoder=encoder, encoder_hidden_size=16)
+    ours = PromptEncoder(config, 32, None)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    expected = theirs(torch.arange(4)[None])[0]  # (P, hidden)
+    torch.testing.assert_close(ours.prompt_embeddings(), expected)
+    assert (expected - theirs.embedding.weight).abs().max() > 1e-2  # the encoder does something
+
+
+def test_prompt_vocab_and_random_init(checkpoint) -> None:
+    """`vocab`: P rows of the token embedding table; `random`: N(0, 1), PEFT's RANDOM init."""
+    _, folder = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    g = torch.Generator().manual_seed(4)
+    vocab = (
+        fp.apply_peft(copy.deepcopy(model), fp.PromptConfig(num_virtual_tokens=6, init="vocab"), generator=g)
+        .prompt_encoders["default"]
+        .embedding.weight.detach()
+    )
+    ids = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(vocab, embed[ids])
+    torch.manual_seed(0)
+    random = fp.apply_peft(model, fp.PromptConfig(num_virtual_tokens=400, init="random"))
+    values = random.prompt_encoders["default"].embedding.weight.detach()
+    assert abs(float(values.mean())) < 0.05 and abs(float(values.std()) - 1.0) < 0.05
+    assert not any(torch.allclose(row, e) for row in values[:6] for e in embed)
 
 
 def test_peft_section_of_a_run_config(checkpoint, tmp_path, capsys) -> None:
