@@ -72,6 +72,11 @@ METHODS = {
         0,
     ),
     "ia3": (fp.IA3Config(), dict(), 0),
+    "ia3_all_linear": (
+        fp.IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"]),
+        dict(target_modules="all-linear", feedforward_modules=["down_proj"]),
+        0,
+    ),
     "prefix": (fp.PrefixConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16), {}, 0),
     "p_tuning_v2": (fp.PrefixConfig(num_virtual_tokens=5), {}, 0),
     "prompt": (fp.PromptConfig(num_virtual_tokens=5), {}, 5),
@@ -84,8 +89,8 @@ def peft_config(method: str):  # type: ignore[no-untyped-def]
     kw = METHODS[method][1]
     if method in ("lora", "rslora", "dora"):
         return peft.LoraConfig(task_type="CAUSAL_LM", **kw)
-    if method == "ia3":
-        return peft.IA3Config(task_type="CAUSAL_LM")
+    if method.startswith("ia3"):
+        return peft.IA3Config(task_type="CAUSAL_LM", **kw)
     if method == "prefix":
         return peft.PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16
