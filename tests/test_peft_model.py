@@ -253,7 +253,7 @@ def test_bottleneck_placement_zero_start_and_roundtrip(checkpoint, tmp_path) -> 
         torch.testing.assert_close(again(IDS), houlsby(IDS))
 
 
-def test_second_all_linear_adapter_lands_beside_the_first_as_in_peft(checkpoint) -> None:
+def test_second_all_linear_adapter_lands_beside_the_first_as_in_peft(checkpoint, tmp_path) -> None:
     """`all-linear` selects the base model's linears only: a second adapter (and a LoRA after a
     bottleneck or a P-tuning encoder) never wraps an adapter's own layers nor `lm_head`."""
     hf, folder = checkpoint
@@ -282,6 +282,14 @@ def test_second_all_linear_adapter_lands_beside_the_first_as_in_peft(checkpoint)
         theirs.base_model.set_adapter(active)
         with torch.no_grad():
             torch.testing.assert_close(ours(IDS), peft_logits(theirs, IDS, 0), rtol=1e-4, atol=1e-5)
+    # a saved all-linear adapter loads as a third one, beside the others, with the same logits
+    fp.save_adapter(ours, str(tmp_path / "two"), "two")
+    ours = fp.load_adapter(ours, str(tmp_path / "two"), "three")
+    assert all(m.adapter_names() == ["one", "two", "three"] for m in wrapped.values())
+    with torch.no_grad():
+        loaded = ours(IDS)
+        fp.set_active(ours, "two")
+        torch.testing.assert_close(loaded, ours(IDS))
     # adapter internals are never targets: a bottleneck's and a prompt encoder's linears stay plain
     model = load_model(folder, dtype=torch.float32)
     model = fp.apply_peft(model, fp.BottleneckConfig(bottleneck_size=8), "adapter")
