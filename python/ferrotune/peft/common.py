@@ -104,11 +104,9 @@ def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     """`model.named_modules()` without adapter internals: an adapter layer is yielded but not
     entered, except for the model a virtual-token wrapper holds as `base_model`."""
     yield prefix, model
+    children = list(model.named_children())
     if is_adapter_layer(model):
-        inner = dict(model.named_children()).get("base_model")
-        children = [("base_model", inner)] if inner is not None else []
-    else:
-        children = list(model.named_children())
+        children = [(name, child) for name, child in children if name == "base_model"]
     for child_name, child in children:
         yield from base_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
 
