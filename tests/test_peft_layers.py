@@ -316,6 +316,25 @@ def test_targets_follow_peft_rules() -> None:
     assert fp.config_from_dict("dora", {"r": 4}).use_dora
 
 
+def test_adapter_layers_are_recognised_by_class() -> None:
+    """Every adapter kind is found (and nothing else), decided once per class."""
+    from ferrotune.peft.adapter import BottleneckAdapter
+    from ferrotune.peft.common import ModulesToSave, adapter_layers, is_adapter_layer
+    from ferrotune.peft.ia3 import IA3Linear
+
+    model = fp.apply_peft(Tiny(), fp.LoraConfig(r=2, modules_to_save=["lm_head"]))
+    model = fp.apply_peft(model, fp.IA3Config(target_modules=["down_proj"], feedforward_modules=[]), "s")
+    kinds = {name: type(layer) for name, layer in adapter_layers(model)}
+    assert kinds == {
+        "q_proj": LoraLinear,
+        "v_proj": LoraLinear,
+        "down_proj": IA3Linear,
+        "lm_head": ModulesToSave,
+    }
+    assert is_adapter_layer(BottleneckAdapter(4)) and not is_adapter_layer(nn.Linear(2, 2))
+    assert not is_adapter_layer(model)
+
+
 def test_trainable_parameter_report_matches_peft(capsys) -> None:
     ours, base = make_pair()
     ours = fp.apply_peft(ours, fp.LoraConfig(r=4, alpha=8, use_dora=True, modules_to_save=["lm_head"]))

@@ -2,10 +2,13 @@
 the model issue's synthetic task (reversing a list of words; its packing and exact-match helpers).
 
 A tiny base model is first trained in full on an instruction mixture: `COPY w1 w2 w3 SEP` ->
-`w1 w2 w3`, `REV w1 w2 w3 SEP` -> `w3 w2 w1`, and plain `w1 w2 w3 SEP` -> copy. The base therefore knows how to reverse (instructed exact match >= 90%) but by default copies
-(plain reversal near 0%). Each method then fine-tunes a copy of the base on plain prompts with
-reversed answers, and must raise held-out plain-reversal exact match (greedy, KV cache) to its
-bar within its step budget (`RECIPES`; docs/methods.md reports the same runs).
+`w1 w2 w3`, `REV w1 w2 w3 SEP` -> `w3 w2 w1`, and plain `w1 w2 w3 SEP` -> copy. The base
+therefore knows how to reverse (instructed exact match >= 90%) but by default copies (plain
+reversal near 0%). Each method then fine-tunes a copy of the base on plain prompts with reversed
+answers, and must raise held-out plain-reversal exact match (greedy, KV cache) to the model issue's
+bar, 80% (`BAR`, as in test_train_learning.py), within its step budget (`RECIPES`;
+docs/methods.md reports the same runs). Plain prompts sit one position earlier than instructed
+ones, so a method must also move the base's reversal to new positions, not only flip a switch.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from test_train_learning import EOS, ROW, SEP, WORDS, exact_match, pack_examples
 
 COPY, REV = 19, 20
 VOCAB = 21
+BAR = 0.8  # held-out plain-reversal exact match every method must reach (the model issue's bar)
 Example = tuple[list[int], list[int]]
 
 
@@ -48,26 +52,25 @@ class Recipe:
     config: Any  # a ferrotune.peft method config, or None for full fine-tuning
     lr: float
     steps: int
-    bar: float  # held-out plain-reversal exact match to reach
 
 
 RECIPES: dict[str, Recipe] = {
-    "full": Recipe(None, 1e-3, 120, 0.8),
-    "lora": Recipe(fp.LoraConfig(r=8, alpha=16, target_modules="all-linear"), 1e-2, 80, 0.8),
-    "dora": Recipe(fp.LoraConfig(r=8, alpha=16, target_modules="all-linear", use_dora=True), 1e-2, 120, 0.8),
-    # 384 scaling parameters on a 2-layer model learn slowly: a lower bar within a larger budget
-    "ia3": Recipe(fp.IA3Config(), 1e-1, 300, 0.45),
-    "houlsby": Recipe(fp.BottleneckConfig(bottleneck_size=32), 3e-2, 160, 0.8),
-    # after the MLP only, the adapter cannot re-route attention: it plateaus near 0.75 on this task
-    "pfeiffer": Recipe(fp.BottleneckConfig(bottleneck_size=16, placement="pfeiffer"), 5e-2, 160, 0.65),
+    "full": Recipe(None, 1e-3, 120),
+    "lora": Recipe(fp.LoraConfig(r=8, alpha=16, target_modules="all-linear"), 1e-2, 80),
+    "dora": Recipe(fp.LoraConfig(r=8, alpha=16, target_modules="all-linear", use_dora=True), 1e-2, 120),
+    # every linear scaled (down_proj's input, the others' output): PEFT's default targets (k_proj,
+    # v_proj, down_proj) only reach ~0.6-0.7 here, see docs/methods.md "Why these recipes"
+    "ia3": Recipe(fp.IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"]), 1e-1, 200),
+    "houlsby": Recipe(fp.BottleneckConfig(bottleneck_size=32), 3e-2, 160),
+    "pfeiffer": Recipe(fp.BottleneckConfig(bottleneck_size=32, placement="pfeiffer"), 2e-2, 240),
     "prefix": Recipe(
-        fp.PrefixConfig(num_virtual_tokens=8, prefix_projection=True, encoder_hidden_size=64), 1e-2, 80, 0.8
+        fp.PrefixConfig(num_virtual_tokens=8, prefix_projection=True, encoder_hidden_size=64), 1e-2, 80
     ),
-    "p_tuning_v2": Recipe(fp.PrefixConfig(num_virtual_tokens=4), 3e-2, 120, 0.8),
+    "p_tuning_v2": Recipe(fp.PrefixConfig(num_virtual_tokens=4), 3e-2, 120),
     # N(0, 1) init: starting from this model's tiny token embeddings (std 0.02) does not learn here
-    "prompt": Recipe(fp.PromptConfig(num_virtual_tokens=4, init="random"), 3e-2, 120, 0.8),
+    "prompt": Recipe(fp.PromptConfig(num_virtual_tokens=4, init="random"), 3e-2, 120),
     "p_tuning": Recipe(
-        fp.PromptConfig(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=64), 3e-3, 100, 0.8
+        fp.PromptConfig(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=64), 3e-3, 100
     ),
 }
 
@@ -145,13 +148,11 @@ def test_base_knows_reversal_but_copies_by_default(task) -> None:
     assert exact_match(task["base"], task["held_out"]) <= 0.05
 
 
-def test_every_method_reaches_its_bar(task, tmp_path) -> None:
+def test_every_method_reaches_the_bar(task, tmp_path) -> None:
     results = {}
     for name, recipe in RECIPES.items():
         accuracy, report = finetune(task, name, str(tmp_path / name))
-        results[name] = (accuracy, recipe.bar, report.percent)
-        print(
-            f"{name:12s} exact match {accuracy:.2f} (bar {recipe.bar}) after {recipe.steps} steps, {report}"
-        )
-    missed = {n: r for n, r in results.items() if r[0] < r[1]}
-    assert not missed, f"below the bar (accuracy, bar, trainable %): {missed}"
+        results[name] = (accuracy, report.percent)
+        print(f"{name:12s} exact match {accuracy:.2f} (bar {BAR}) after {recipe.steps} steps, {report}")
+    missed = {n: r for n, r in results.items() if r[0] < BAR}
+    assert not missed, f"below the bar {BAR} (accuracy, trainable %): {missed}"

@@ -17,6 +17,7 @@ from ferrotune.errors import ConfigError
 from ferrotune.models import load_model
 from ferrotune.models.generate import generate
 from ferrotune.peft.adapter import BottleneckAdapter
+from ferrotune.peft.lora import LoraLinear
 
 peft = pytest.importorskip("peft")
 warnings.filterwarnings("ignore", module="peft")
@@ -71,9 +72,16 @@ METHODS = {
         0,
     ),
     "ia3": (fp.IA3Config(), dict(), 0),
+    "ia3_all_linear": (
+        fp.IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"]),
+        dict(target_modules="all-linear", feedforward_modules=["down_proj"]),
+        0,
+    ),
     "prefix": (fp.PrefixConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16), {}, 0),
     "p_tuning_v2": (fp.PrefixConfig(num_virtual_tokens=5), {}, 0),
     "prompt": (fp.PromptConfig(num_virtual_tokens=5), {}, 5),
+    "p_tuning_mlp": (fp.PromptConfig(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=16), {}, 4),
+    "p_tuning_lstm": (fp.PromptConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=16), {}, 4),
 }
 
 
@@ -81,14 +89,21 @@ def peft_config(method: str):  # type: ignore[no-untyped-def]
     kw = METHODS[method][1]
     if method in ("lora", "rslora", "dora"):
         return peft.LoraConfig(task_type="CAUSAL_LM", **kw)
-    if method == "ia3":
-        return peft.IA3Config(task_type="CAUSAL_LM")
+    if method.startswith("ia3"):
+        return peft.IA3Config(task_type="CAUSAL_LM", **kw)
     if method == "prefix":
         return peft.PrefixTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=16
         )
     if method == "p_tuning_v2":
         return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    if method.startswith("p_tuning_"):
+        return peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=4,
+            encoder_reparameterization_type=method.removeprefix("p_tuning_").upper(),
+            encoder_hidden_size=16,
+        )
     return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
 
 
@@ -143,8 +158,6 @@ def packed_row(docs: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]
 
 ALL_METHODS = {
     **{k: v[0] for k, v in METHODS.items()},
-    "p_tuning_mlp": fp.PromptConfig(num_virtual_tokens=4, encoder="mlp", encoder_hidden_size=16),
-    "p_tuning_lstm": fp.PromptConfig(num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=16),
     "houlsby": fp.BottleneckConfig(bottleneck_size=8, placement="houlsby"),
     "pfeiffer": fp.BottleneckConfig(bottleneck_size=8, placement="pfeiffer"),
 }
@@ -240,6 +253,52 @@ def test_bottleneck_placement_zero_start_and_roundtrip(checkpoint, tmp_path) -> 
         torch.testing.assert_close(again(IDS), houlsby(IDS))
 
 
+def test_second_all_linear_adapter_lands_beside_the_first_as_in_peft(checkpoint, tmp_path) -> None:
+    """`all-linear` selects the base model's linears only: a second adapter (and a LoRA after a
+    bottleneck or a P-tuning encoder) never wraps an adapter's own layers nor `lm_head`."""
+    hf, folder = checkpoint
+    ours = load_model(folder, dtype=torch.float32).eval()
+    ours = fp.apply_peft(ours, fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "one")
+    ours = fp.apply_peft(ours, fp.LoraConfig(r=2, alpha=4, target_modules="all-linear", use_dora=True), "two")
+    randomize(ours)
+    wrapped = {n: m for n, m in ours.named_modules() if isinstance(m, LoraLinear)}
+    assert sorted(wrapped) == sorted(f"model.layers.{i}.{part}.{leaf}" for i in (0, 1) for part, leaf in (
+        ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+        ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
+    ))  # fmt: skip
+    assert all(m.adapter_names() == ["one", "two"] for m in wrapped.values())
+    # PEFT's multi-adapter model over the transformers model: same keys, same logits
+    theirs = peft.get_peft_model(
+        copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name="one"
+    )
+    theirs.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", use_dora=True))
+    for name in ("one", "two"):
+        state = fp.adapter_state_dict(ours, name)
+        assert sorted(state) == sorted(peft.get_peft_model_state_dict(theirs, adapter_name=name))
+        peft.set_peft_model_state_dict(theirs, state, adapter_name=name)
+    theirs.eval()
+    for active in (["one"], ["two"], ["one", "two"]):
+        fp.set_active(ours, active)
+        theirs.base_model.set_adapter(active)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(IDS), peft_logits(theirs, IDS, 0), rtol=1e-4, atol=1e-5)
+    # a saved all-linear adapter loads as a third one, beside the others, with the same logits
+    fp.save_adapter(ours, str(tmp_path / "two"), "two")
+    ours = fp.load_adapter(ours, str(tmp_path / "two"), "three")
+    assert all(m.adapter_names() == ["one", "two", "three"] for m in wrapped.values())
+    with torch.no_grad():
+        loaded = ours(IDS)
+        fp.set_active(ours, "two")
+        torch.testing.assert_close(loaded, ours(IDS))
+    # adapter internals are never targets: a bottleneck's and a prompt encoder's linears stay plain
+    model = load_model(folder, dtype=torch.float32)
+    model = fp.apply_peft(model, fp.BottleneckConfig(bottleneck_size=8), "adapter")
+    model = fp.apply_peft(model, fp.PromptConfig(num_virtual_tokens=2, encoder="mlp"), "ptune")
+    model = fp.apply_peft(model, fp.LoraConfig(r=2, target_modules="all-linear"), "lora")
+    lora_layers = sorted(n for n, m in model.named_modules() if isinstance(m, LoraLinear))
+    assert lora_layers == sorted(f"base_model.{n}" for n in wrapped)
+
+
 def test_prefix_and_prompt_adapters_switch_and_disable(checkpoint) -> None:
     _, folder = checkpoint
     model = load_model(folder, dtype=torch.float32).eval()
@@ -275,6 +334,53 @@ def test_prompt_text_init_uses_the_token_embeddings(checkpoint) -> None:
     )
     prompt = model.prompt_encoders["default"].embedding.weight
     torch.testing.assert_close(prompt, embed[[7, 9, 7, 9, 7]])
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_p_tuning_encoder_computes_peft_prompt_encoder(encoder: str) -> None:
+    """P-tuning's reparameterisation is PEFT's `PromptEncoder` (same module names and function)."""
+    from ferrotune.peft.prompt import PromptEncoder
+    from peft.tuners.p_tuning.model import PromptEncoder as PeftPromptEncoder
+
+    torch.manual_seed(0)
+    theirs = PeftPromptEncoder(
+        peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=4,
+            token_dim=32,
+            num_transformer_submodules=1,
+            num_attention_heads=4,
+            num_layers=2,
+            encoder_reparameterization_type=encoder.upper(),
+            encoder_hidden_size=16,
+        )
+    )
+    config = fp.PromptConfig(num_virtual_tokens=4, encoder=encoder, encoder_hidden_size=16)
+    ours = PromptEncoder(config, 32, None)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    expected = theirs(torch.arange(4)[None])[0]  # (P, hidden)
+    torch.testing.assert_close(ours.prompt_embeddings(), expected)
+    assert (expected - theirs.embedding.weight).abs().max() > 1e-2  # the encoder does something
+
+
+def test_prompt_vocab_and_random_init(checkpoint) -> None:
+    """`vocab`: P rows of the token embedding table; `random`: N(0, 1), PEFT's RANDOM init."""
+    _, folder = checkpoint
+    model = load_model(folder, dtype=torch.float32)
+    embed = model.model.embed_tokens.weight.detach().clone()
+    g = torch.Generator().manual_seed(4)
+    vocab = (
+        fp.apply_peft(copy.deepcopy(model), fp.PromptConfig(num_virtual_tokens=6, init="vocab"), generator=g)
+        .prompt_encoders["default"]
+        .embedding.weight.detach()
+    )
+    ids = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(vocab, embed[ids])
+    torch.manual_seed(0)
+    random = fp.apply_peft(model, fp.PromptConfig(num_virtual_tokens=400, init="random"))
+    values = random.prompt_encoders["default"].embedding.weight.detach()
+    assert abs(float(values.mean())) < 0.05 and abs(float(values.std()) - 1.0) < 0.05
+    assert not any(torch.allclose(row, e) for row in values[:6] for e in embed)
 
 
 def test_peft_section_of_a_run_config(checkpoint, tmp_path, capsys) -> None:

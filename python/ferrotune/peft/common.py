@@ -3,14 +3,19 @@ and `modules_to_save`.
 
 An *adapter layer* is an `nn.Module` that holds one or more named adapters beside a frozen base
 and follows the small protocol below. The free functions in `ferrotune.peft` (merge, disable,
-set_active, save/load) walk a model's modules and call this protocol; nothing is patched.
+set_active, save/load) walk a model's modules and call this protocol; nothing is patched. Whether a
+module is an adapter layer is decided once per class (`is_adapter_layer`: the class defines the
+protocol's methods), so walking a model costs one dictionary lookup per module.
 
 Target matching follows PEFT's rules exactly, so a PEFT `adapter_config.json` selects the same
 modules here:
 - a string is a regular expression that must match the whole module name (`re.fullmatch`);
 - a list matches a module whose name equals an entry or ends with `.entry`;
-- `"all-linear"` selects every `nn.Linear` except the output layer (`lm_head`);
+- `"all-linear"` selects every `nn.Linear` of the base model except the output layer (`lm_head`);
 - `exclude_modules` uses the same two rules and wins over `target_modules`.
+Only the base model's modules are candidates, never an adapter's own (a LoRA layer's `lora_A`,
+a bottleneck's projections, a prompt encoder, a `modules_to_save` copy): a second adapter on a
+model that already has one lands beside the first, in the same adapter layers.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeGuard
 
 import torch
 from torch import nn
@@ -30,7 +35,6 @@ OUTPUT_LAYER_NAMES = ("lm_head",)
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
-@runtime_checkable
 class AdapterLayer(Protocol):
     """A module with named adapters beside a frozen base.
 
@@ -66,11 +70,45 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+# the protocol's methods and properties, looked up on the class
+_ADAPTER_LAYER_MEMBERS = (
+    "adapter_names",
+    "merge",
+    "unmerge",
+    "merged",
+    "adapter_state",
+    "load_adapter_state",
+    "remove_adapter",
+)
+_is_adapter_class: dict[type, bool] = {}
+
+
+def is_adapter_layer(module: object) -> TypeGuard[AdapterLayer]:
+    """Whether `module`'s class implements `AdapterLayer` (decided once per class: an
+    `isinstance` against a runtime Protocol would probe every member of every module)."""
+    kind = type(module)
+    known = _is_adapter_class.get(kind)
+    if known is None:
+        known = _is_adapter_class[kind] = all(hasattr(kind, m) for m in _ADAPTER_LAYER_MEMBERS)
+    return known
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """Every adapter layer of `model` with its module name."""
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
+        if is_adapter_layer(module):
             yield name, module
+
+
+def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` without adapter internals: an adapter layer is yielded but not
+    entered, except for the model a virtual-token wrapper holds as `base_model`."""
+    yield prefix, model
+    children = list(model.named_children())
+    if is_adapter_layer(model):
+        children = [(name, child) for name, child in children if name == "base_model"]
+    for child_name, child in children:
+        yield from base_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
 
 
 # ----------------------------------------------------------------------------- target matching
@@ -111,12 +149,12 @@ def find_targets(
     """Names of the modules of `model` that a config selects; an error if it selects none or
     selects a module of an unsupported kind."""
     found = []
-    for key, module in model.named_modules():
-        if not key or ".base_layer" in f".{key}" or isinstance(module, ModulesToSave):
+    for key, module in base_modules(model):
+        if not key or isinstance(module, ModulesToSave):
             continue
         if not is_target(key, module, target_modules, exclude_modules, modules_to_save):
             continue
-        if not isinstance(module, kinds) and not isinstance(module, AdapterLayer):
+        if not isinstance(module, kinds) and not is_adapter_layer(module):
             if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
                 continue  # a regex may also match containers; PEFT skips those too
             raise ConfigError(
@@ -214,13 +252,11 @@ def wrap_modules_to_save(model: nn.Module, names: Sequence[str], adapter: str) -
     if not names:
         return []
     wrapped = []
-    for key, module in list(model.named_modules()):
+    for key, module in list(base_modules(model)):
         if isinstance(module, ModulesToSave):
             if _matches(names, key):
                 module.add(adapter)
                 wrapped.append(key)
-            continue
-        if ".original_module" in f".{key}" or ".modules_to_save" in f".{key}":
             continue
         if key and _matches(names, key):
             wrapper = ModulesToSave(module)

@@ -102,20 +102,13 @@ def make_actor_critic(policy: nn.Module, method: PPOConfig) -> ActorCritic:
 
 
 def add_adapter_like(model: nn.Module, existing: str, name: str) -> None:
-    """Adds adapter `name` with the settings of adapter `existing`, on exactly the same modules
-    (LoRA targets are spelled out by path, so the new adapter never wraps the old one's layers)."""
+    """Adds adapter `name` with the settings of adapter `existing`: the same targets select the
+    same modules (never the first adapter's own layers), and a LoRA starts from zero."""
     from ferrotune.peft import LoraConfig, apply_peft, peft_config
-    from ferrotune.peft.common import adapter_layers
-    from ferrotune.peft.lora import LoraLinear
 
     config = peft_config(model, existing)
     if isinstance(config, LoraConfig):
-        paths = [
-            path
-            for path, layer in adapter_layers(model)
-            if isinstance(layer, LoraLinear) and existing in layer.adapter_names()
-        ]
-        config = replace(config, target_modules=paths, init="default")
+        config = replace(config, init="default")
     apply_peft(model, config, name)
 
 
