@@ -260,6 +260,22 @@ def test_mix_file_cli_and_summary(corpus, tmp_path):
     human = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, check=True).stdout
     assert "mixture (proportional cap=1,000)" in human
     assert "charlie" in human and "40.00%" in human  # 1000 / 2500 of the examples
+    # holdout: 50 examples of each source kept out of the sampling; --split eval writes them
+    mix.write_text(mix.read_text().replace("mix_cap = 1000\n", "mix_cap = 1000\nholdout = 50\n"))
+    train = json.loads(
+        subprocess.run([*cmd, "--overwrite", "--json"], capture_output=True, text=True, check=True).stdout
+    )
+    tasks = train["manifest"]["mixture"]["tasks"]
+    assert [t["examples_taken"] for t in tasks] == [1000, 950, 375]  # min(cap, epochs * (n - 50))
+    assert [t["examples_held_out"] for t in tasks] == [50, 50, 50]
+    held = subprocess.run(
+        [*cmd, "--overwrite", "--split", "eval", "--json"], capture_output=True, text=True, check=True
+    )
+    tasks = json.loads(held.stdout)["manifest"]["mixture"]["tasks"]
+    assert [t["examples_taken"] for t in tasks] == [50, 50, 50]
+    assert [t["examples_repeated"] for t in tasks] == [0, 0, 0]
+    eval_docs, _ = documents_by_task(out)
+    assert len({ids for _, ids, _ in eval_docs}) == 150
 
 
 def test_bad_mixtures_name_the_field(corpus, tmp_path):
@@ -318,19 +334,31 @@ def test_run_config_sources_prepare_a_mixture_with_task_ids(corpus, tmp_path):
     config = load_config(toml)
     assert [s.name for s in config.data.sources] == ["alpha", "charlie"]
     train, held_out = training_rows(config, None, tok, in_memory=None)
-    assert len(held_out) > 0
+    # eval_fraction is held out of every source before sampling: no example in both
+    train_docs, _ = documents_by_task(tmp_path / "run" / "prepared" / "train")
+    eval_docs, eval_names = documents_by_task(tmp_path / "run" / "prepared" / "eval")
+    assert eval_names == ["alpha", "charlie"] and len(held_out) > 0
+    assert not {ids for _, ids, _ in train_docs} & {ids for _, ids, _ in eval_docs}
+    assert Counter(task for task, _, _ in eval_docs) == {0: 500, 1: 20}  # 10% of each, once
+    assert len({ids for _, ids, _ in eval_docs}) == 520
+    alpha = [ids for task, ids, _ in train_docs if task == 0]
+    assert len(set(alpha)) == len(alpha) < 4500  # downsampled from the 4500 left, no repeats
+    assert len({ids for task, ids, _ in train_docs if task == 1}) == 180  # upsampled: all 180 left
     batch = next(iter(RowBatches(train, 4, seed=0).epoch(0)))
     assert batch["task_ids"].shape == (4, SEQ_LEN) and batch["task_ids"].dtype == torch.int64
     assert ((batch["task_ids"] >= 0) == (batch["document_ids"] >= 0)).all()
     manifest = json.loads((tmp_path / "run" / "prepared" / "train" / "manifest.json").read_text())
     assert manifest["task_names"] == ["alpha", "charlie"]
     first = manifest["mixture"]["tasks"][0]["target_share"]
-    assert first == pytest.approx(5000**0.5 / (5000**0.5 + 200**0.5))
-    # a changed rule prepares again; the same one reuses the folder
+    assert first == pytest.approx(4500**0.5 / (4500**0.5 + 180**0.5))
+    # the same rule reuses the folder; a changed one prepares again
+    stamp = (tmp_path / "run" / "prepared" / "train" / "manifest.json").stat().st_mtime_ns
+    training_rows(config, None, tok, in_memory=None)
+    assert (tmp_path / "run" / "prepared" / "train" / "manifest.json").stat().st_mtime_ns == stamp
     again = load_config(toml, ["data.temperature=1.0"])
     training_rows(again, None, tok, in_memory=None)
     manifest = json.loads((tmp_path / "run" / "prepared" / "train" / "manifest.json").read_text())
-    assert manifest["mixture"]["tasks"][0]["target_share"] == pytest.approx(5000 / 5200)
+    assert manifest["mixture"]["tasks"][0]["target_share"] == pytest.approx(4500 / 4680)
     # bad keys name themselves
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.wieght"):
         load_config(toml, ["data.sources=[{name = 'a', path = 'x', wieght = 1}]"])

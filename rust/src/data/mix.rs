@@ -48,6 +48,12 @@ pub struct MixConfig {
     pub mix_cap: u64,
     /// Examples to draw in all (0: the default of the rule, see the module docs).
     pub mix_total: u64,
+    /// Examples of each source kept out of the sampling for evaluation: a fraction (< 1) or a
+    /// count per source (>= 1); the same seed holds out the same examples.
+    pub holdout: f64,
+    /// train: the sampled mixture of the examples not held out; eval: the held-out examples of
+    /// every source, each once (the mixing rule does not apply).
+    pub split: String,
 }
 
 impl Default for MixConfig {
@@ -58,6 +64,8 @@ impl Default for MixConfig {
             temperature: 1.0,
             mix_cap: 0,
             mix_total: 0,
+            holdout: 0.0,
+            split: "train".into(),
         }
     }
 }
@@ -145,6 +153,23 @@ impl MixConfig {
                 return bad(at("epochs"), format!("must be > 0, got {}", s.epochs));
             }
         }
+        if !(self.holdout.is_finite() && self.holdout >= 0.0) {
+            return bad(
+                "holdout".into(),
+                format!("must be >= 0, got {}", self.holdout),
+            );
+        }
+        match self.split.as_str() {
+            "train" => {}
+            "eval" if self.holdout > 0.0 => {}
+            "eval" => return bad("split".into(), "eval needs holdout > 0".into()),
+            other => {
+                return bad(
+                    "split".into(),
+                    format!("{other:?} is not one of train, eval"),
+                )
+            }
+        }
         match self.mixing.as_str() {
             "weights" => Ok(Mixing::Weights),
             "temperature" => {
@@ -223,6 +248,31 @@ pub fn largest_remainder(shares: &[f64], total: u64) -> Vec<u64> {
     counts
 }
 
+/// Examples of a source of `n` held out for evaluation: round(holdout * n) for a fraction (at
+/// least 1), else the count `holdout`; always at most n - 1, so one is left to train on.
+pub fn holdout_count(holdout: f64, n: u64) -> u64 {
+    if holdout <= 0.0 || n == 0 {
+        return 0;
+    }
+    let wanted = if holdout < 1.0 {
+        ((holdout * n as f64).round() as u64).max(1)
+    } else {
+        holdout as u64
+    };
+    wanted.min(n - 1)
+}
+
+/// The positions (0..n) of one source kept for training and those held out (`held` of them, a
+/// seeded uniform subset), each list ascending.
+pub fn split_positions(n: u32, held: u32, seed: u64, task: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = Rng::new(seed ^ 0x5851_F42D_4C95_7F2D_u64.wrapping_mul(task as u64 + 1));
+    let mut out = vec![false; n as usize];
+    for i in draw_indices(n, held as u64, &mut rng) {
+        out[i as usize] = true;
+    }
+    (0..n).partition(|&i| !out[i as usize])
+}
+
 /// Indices (into 0..available) of `count` draws from one source: every index count / available
 /// times, plus a random subset of count % available distinct indices (partial Fisher-Yates).
 pub fn draw_indices(available: u32, count: u64, rng: &mut Rng) -> Vec<u32> {
@@ -274,8 +324,11 @@ pub struct TaskStats {
     pub target_share: f64,
     /// The token share p_i implies: p_i * mean_len_i / sum_j p_j * mean_len_j.
     pub target_token_share: f64,
-    /// Usable examples of the source (parsed, not empty, with trained tokens).
+    /// Usable examples of the source (parsed, not empty, with trained tokens) that this split
+    /// draws from: those not held out (train), or the held-out ones (eval).
     pub examples_available: u64,
+    /// Examples kept out of training for evaluation (`holdout`).
+    pub examples_held_out: u64,
     pub tokens_available: u64,
     pub trained_tokens_available: u64,
     /// Draws c_i (an example drawn twice counts twice).
@@ -298,9 +351,13 @@ pub struct TaskStats {
 /// The mixture section of the manifest.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MixReport {
+    /// train, or eval (the held-out examples).
+    pub split: String,
     pub mixing: String,
     pub temperature: Option<f64>,
     pub mix_cap: Option<u64>,
+    /// The `holdout` option (0: none).
+    pub holdout: f64,
     pub total: u64,
     pub tasks: Vec<TaskStats>,
 }
@@ -401,6 +458,12 @@ impl Spill {
         };
         self.maps = Some((map(&self.ids_path)?, map(&self.mask_path)?));
         Ok(())
+    }
+
+    /// Tokens of unit `k`, all lanes.
+    pub fn tokens(&self, k: usize) -> u64 {
+        let (a, b) = (k * self.lanes, (k + 1) * self.lanes);
+        self.offsets[b] - self.offsets[a]
     }
 
     /// Unit number `k` (after [`Spill::finish`]), tagged with `source`.
@@ -527,6 +590,20 @@ mod tests {
         assert_eq!(spill.unit(1, 0), units[1]);
         assert_eq!(spill.unit(0, 7).lanes, units[0].lanes);
         assert_eq!(spill.unit(0, 7).source, 7);
+    }
+
+    #[test]
+    fn holdout_is_a_seeded_subset_that_leaves_one_to_train() {
+        assert_eq!(holdout_count(0.1, 1000), 100);
+        assert_eq!(holdout_count(0.001, 10), 1);
+        assert_eq!(holdout_count(50.0, 1000), 50);
+        assert_eq!(holdout_count(50.0, 20), 19);
+        assert_eq!(holdout_count(0.0, 20), 0);
+        let (kept, held) = split_positions(100, 10, 3, 0);
+        assert_eq!((kept.len(), held.len()), (90, 10));
+        assert!(held.iter().all(|h| !kept.contains(h)));
+        assert_eq!(split_positions(100, 10, 3, 0), (kept, held.clone()));
+        assert_ne!(split_positions(100, 10, 3, 1).1, held);
     }
 
     proptest! {

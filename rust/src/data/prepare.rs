@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use super::jsonl::{expand_inputs, parse_record, BadLine, FieldNames, InputFormat, LineBatches};
 use super::mask::{Doc, Encoder, LossMode};
 use super::mix::{
-    default_total, largest_remainder, schedule, target_shares, MixConfig, MixReport, Mixing, Spill,
-    TaskStats,
+    default_total, holdout_count, largest_remainder, schedule, split_positions, target_shares,
+    MixConfig, MixReport, Mixing, Spill, TaskStats,
 };
 use super::pack::{
     fit_overlong, BfdPacker, GreedyPacker, Overlong, OverlongCounts, Packing, Row, Unit,
@@ -756,54 +756,76 @@ fn replay_mixture(
             ..Default::default()
         })
         .collect();
+    let mut usable = vec![0u64; n_tasks];
     for (s, &t) in stats.iter().zip(file_task) {
-        let task = &mut tasks[t];
-        task.files.push(s.path.clone());
-        task.examples_available += s.documents;
-        task.tokens_available += s.tokens;
-        task.trained_tokens_available += s.trained_tokens;
+        tasks[t].files.push(s.path.clone());
+        usable[t] += s.documents;
     }
-    for (t, task) in tasks.iter().enumerate() {
-        if task.examples_available == 0 {
+    let mut first = vec![0usize; n_tasks]; // each task's first unit in the spill
+    for t in 1..n_tasks {
+        first[t] = first[t - 1] + usable[t - 1] as usize;
+    }
+    debug_assert_eq!(
+        first[n_tasks - 1] + usable[n_tasks - 1] as usize,
+        spill.len()
+    );
+    let eval = mix.split == "eval";
+    // Per task: the spill positions (relative to `first`) this split draws from.
+    let mut pools: Vec<Vec<u32>> = Vec::with_capacity(n_tasks);
+    for (t, task) in tasks.iter_mut().enumerate() {
+        if usable[t] == 0 {
             return Err(Error::InvalidArgument(format!(
                 "mixture source {:?} ({}): no usable examples",
                 task.name,
                 mix.sources[t].inputs.join(", ")
             )));
         }
-        if task.examples_available > u32::MAX as u64 {
+        if usable[t] > u32::MAX as u64 {
             return Err(Error::InvalidArgument(format!(
                 "mixture source {:?}: more than 2^32 examples",
                 task.name
             )));
         }
+        let held = holdout_count(mix.holdout, usable[t]);
+        let (kept, held_out) = split_positions(usable[t] as u32, held as u32, cfg.seed, t);
+        let pool = if eval { held_out } else { kept };
+        task.examples_held_out = held;
+        task.examples_available = pool.len() as u64;
+        for &i in &pool {
+            let unit = spill.unit(first[t] + i as usize, t as u32);
+            task.tokens_available += spill.tokens(first[t] + i as usize);
+            task.trained_tokens_available += unit
+                .lanes
+                .iter()
+                .map(|d| d.trained_targets() as u64)
+                .sum::<u64>();
+        }
+        pools.push(pool);
     }
+    let available: Vec<u32> = pools.iter().map(|p| p.len() as u32).collect();
     let sizes: Vec<f64> = tasks
         .iter()
-        .map(|t| t.examples_available as f64 * t.epochs)
+        .map(|t| t.examples_available as f64 * if eval { 1.0 } else { t.epochs })
         .collect();
+    // The eval split takes every held-out example once: proportional, no cap, no budget.
+    let rule = if eval {
+        Mixing::Proportional(None)
+    } else {
+        mixing
+    };
     let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
-    let shares = target_shares(mixing, &sizes, &weights);
-    let total = if mix.mix_total > 0 {
+    let shares = target_shares(rule, &sizes, &weights);
+    let total = if mix.mix_total > 0 && !eval {
         mix.mix_total
     } else {
-        default_total(mixing, &sizes)
+        default_total(rule, &sizes)
     };
     let counts = largest_remainder(&shares, total);
-    let available: Vec<u32> = tasks.iter().map(|t| t.examples_available as u32).collect();
     let mean_len: Vec<f64> = tasks
         .iter()
         .map(|t| t.tokens_available as f64 / t.examples_available as f64)
         .collect();
     let expected: f64 = shares.iter().zip(&mean_len).map(|(p, l)| p * l).sum();
-    let mut first = vec![0usize; n_tasks]; // each task's first unit in the spill
-    for t in 1..n_tasks {
-        first[t] = first[t - 1] + tasks[t - 1].examples_available as usize;
-    }
-    debug_assert_eq!(
-        first[n_tasks - 1] + available[n_tasks - 1] as usize,
-        spill.len()
-    );
     for (t, task) in tasks.iter_mut().enumerate() {
         task.target_share = shares[t];
         task.target_token_share = shares[t] * mean_len[t] / expected;
@@ -820,7 +842,10 @@ fn replay_mixture(
         }
         let mut batch = Vec::with_capacity(chunk.len());
         for &(t, i) in chunk {
-            let unit = spill.unit(first[t as usize] + i as usize, t);
+            let unit = spill.unit(
+                first[t as usize] + pools[t as usize][i as usize] as usize,
+                t,
+            );
             let fitted = if packing == Packing::Greedy {
                 vec![unit]
             } else {
@@ -859,12 +884,18 @@ fn replay_mixture(
         task.trained_token_share = share(task.trained_tokens, trained);
     }
     let report = MixReport {
-        mixing: mix.mixing.clone(),
-        temperature: matches!(mixing, Mixing::Temperature(_)).then_some(mix.temperature),
-        mix_cap: match mixing {
+        split: mix.split.clone(),
+        mixing: if eval {
+            "holdout".into()
+        } else {
+            mix.mixing.clone()
+        },
+        temperature: matches!(rule, Mixing::Temperature(_)).then_some(mix.temperature),
+        mix_cap: match rule {
             Mixing::Proportional(cap) => cap,
             _ => None,
         },
+        holdout: mix.holdout,
         total,
         tasks,
     };
@@ -1073,5 +1104,96 @@ mod tests {
         progress.cancel.store(true, Ordering::Relaxed);
         assert!(matches!(prepare(&cfg, &progress), Err(Error::Cancelled)));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn mixture_tags_every_token_with_its_source_and_is_deterministic() {
+        use crate::data::mix::{MixConfig, MixSource};
+        let tok = tiny_tokenizer_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, word: &str, n: usize| {
+            let path = dir.path().join(name);
+            let lines: String = (0..n)
+                .map(|i| format!("{{\"text\": \"{}\"}}\n", vec![word; i % 5 + 1].join(" ")))
+                .collect();
+            fs::write(&path, lines).unwrap();
+            path.display().to_string()
+        };
+        let source = |name: &str, file: String, epochs: f64| MixSource {
+            name: name.into(),
+            inputs: vec![file],
+            epochs,
+            ..Default::default()
+        };
+        let cfg = PrepareConfig {
+            output: dir.path().join("out"),
+            tokenizer: tok.path().to_path_buf(),
+            seq_len: 16,
+            rows_per_shard: 8,
+            mixture: Some(MixConfig {
+                sources: vec![
+                    source("the", write("a.jsonl", "the", 40), 0.5),
+                    source("dog", write("b.jsonl", "dog", 10), 2.5),
+                ],
+                mixing: "proportional".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let a = prepare(&cfg, &Progress::default()).unwrap();
+        let mix = a.manifest.mixture.as_ref().unwrap();
+        assert_eq!(a.manifest.task_names, ["the", "dog"]);
+        let taken: Vec<u64> = mix.tasks.iter().map(|t| t.examples_taken).collect();
+        assert_eq!(taken, [20, 25]); // epochs: half of 40, 2.5 x 10
+        assert_eq!(mix.tasks[1].examples_repeated, 15);
+        let t = Tokenizer::from_file(tok.path()).unwrap();
+        // the two sources share no token but the specials (ids 0..5)
+        let the = t.encode("the the", false).unwrap();
+        let dog = t.encode("dog dog", false).unwrap();
+        assert!(the.iter().all(|id| !dog.contains(id)));
+        let mut seen = [0u64; 2];
+        for shard in &a.manifest.shards {
+            let st = SafeTensors::open(cfg.output.join(&shard.file)).unwrap();
+            let read = |name: &str| -> Vec<i32> {
+                st.bytes(name)
+                    .unwrap()
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            };
+            let (ids, docs, tasks) = (read("input_ids"), read("document_ids"), read("task_ids"));
+            for ((&id, &doc), &task) in ids.iter().zip(&docs).zip(&tasks) {
+                assert_eq!(doc < 0, task < 0, "padding and only padding has task -1");
+                if task >= 0 && id >= 5 {
+                    let (own, other) = if task == 0 {
+                        (&the, &dog)
+                    } else {
+                        (&dog, &the)
+                    };
+                    assert!(!other.contains(&(id as u32)), "token {id} of task {task}");
+                    seen[task as usize] += u64::from(own.contains(&(id as u32)));
+                }
+            }
+        }
+        assert!(seen[0] > 0 && seen[1] > 0);
+        assert_eq!(
+            mix.tasks.iter().map(|t| t.tokens).sum::<u64>(),
+            a.manifest.tokens
+        );
+        // same bytes with one thread; the spill is gone
+        let again = PrepareConfig {
+            overwrite: true,
+            threads: 1,
+            ..cfg.clone()
+        };
+        let b = prepare(&again, &Progress::default()).unwrap();
+        assert_eq!(a.manifest.shards, b.manifest.shards);
+        assert!(!cfg.output.join("spill").exists());
+        // an empty source is named
+        fs::write(dir.path().join("b.jsonl"), "").unwrap();
+        let err = prepare(&again, &Progress::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mixture source \"dog\""), "{err}");
     }
 }
