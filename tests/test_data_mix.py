@@ -379,3 +379,42 @@ def test_single_source_prepare_is_unchanged(corpus, tmp_path):
     ds = PackedDataset(tmp_path / "one", shuffle=False)
     assert "task_ids" not in ds[0] and ds.task_names == []
     assert "task_ids" not in collate([ds[0]])
+
+
+def test_preference_mixture_tags_both_lanes(corpus, tmp_path):
+    _root, tok, _files = corpus
+    sources = []
+    for t, (name, n) in enumerate([("short", 60), ("long", 20)]):
+        path = tmp_path / f"{name}.jsonl"
+        lines = [
+            {
+                "prompt": f"q {name} {i}",
+                "chosen": example(name, i, 3 + 6 * t),
+                "rejected": example(name, i + 1, 2),
+            }
+            for i in range(n)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        sources.append({"name": name, "inputs": [str(path)], "format": "preference", "loss": "completion"})
+    config = {"inputs": [], "output": str(tmp_path / "pref"), "tokenizer": str(tok), "seq_len": SEQ_LEN}
+    config["mixture"] = {"mixing": "weights", "sources": sources}
+    summary = prepare(config, progress=False)
+    assert summary["manifest"]["kind"] == "preference"
+    ds = PackedDataset(tmp_path / "pref", shuffle=False)
+    batch = collate([ds[i] for i in range(len(ds))])
+    counts = Counter()
+    for side in ("chosen_", "rejected_"):
+        docs, tasks = batch[side + "document_ids"], batch[side + "task_ids"]
+        assert tasks.dtype == torch.int64 and ((tasks >= 0) == (docs >= 0)).all()
+    for cd, ct, rd, rt in zip(
+        batch["chosen_document_ids"],
+        batch["chosen_task_ids"],
+        batch["rejected_document_ids"],
+        batch["rejected_task_ids"],
+        strict=True,
+    ):
+        for d in range(int(cd.max()) + 1):  # document k of both lanes is one pair: one task
+            (task,) = ct[cd == d].unique().tolist()
+            assert rt[rd == d].unique().tolist() == [task]
+            counts[task] += 1
+    assert counts == {0: 40, 1: 40}  # equal weights over 80 pairs
