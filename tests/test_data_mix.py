@@ -203,6 +203,31 @@ def test_capped_proportional_mixing_and_epochs(corpus):
     assert len(set(alpha)) == len(alpha) == 1000
 
 
+@pytest.mark.parametrize("mixing", ["weights", "temperature"])
+def test_token_unit_mixing_hits_token_shares(corpus, mixing):
+    _, _, files = corpus
+    weights = [5.0, 3.0, 2.0]
+    sources = [
+        {"name": name, "inputs": [str(files[name])], "weight": w}
+        for (name, _, _), w in zip(SOURCES, weights, strict=True)
+    ]
+    summary = run_mix(corpus, f"tokens_{mixing}", mixing, sources=sources, mix_unit="tokens", temperature=2.0)
+    tasks = summary["manifest"]["mixture"]["tasks"]
+    if mixing == "weights":
+        token_target = [w / sum(weights) for w in weights]
+    else:  # temperature over token counts
+        raw = [t["tokens_available"] ** 0.5 for t in tasks]
+        token_target = [r / sum(raw) for r in raw]
+    docs, _ = documents_by_task(Path(summary["output"]))
+    _, tokens, _ = realised(docs)
+    for i, task in enumerate(tasks):
+        assert task["target_token_share"] == pytest.approx(token_target[i], abs=1e-9)
+        assert abs(tokens[i] - token_target[i]) < 0.02, (tokens, token_target)
+    # the token budget defaults to the corpus' tokens
+    assert summary["manifest"]["mixture"]["total"] == sum(t["tokens_available"] for t in tasks)
+    assert abs(sum(len(ids) for _, ids, _ in docs) / summary["manifest"]["mixture"]["total"] - 1) < 0.01
+
+
 def test_same_seed_same_bytes_other_seed_other_draws(corpus):
     a = run_mix(corpus, "det_a", "temperature", temperature=2.0)
     root = corpus[0]

@@ -17,6 +17,7 @@ A mix file holds the same keys as the run config's `[data]` mixture keys:
     mix_cap = 0                # proportional: cap on a source's size (0: none)
     mix_total = 0              # examples drawn in all (0: sum of the (capped) sizes)
     holdout = 0.0              # per source, kept out of the sampling: a fraction, or a count (>= 1)
+    mix_unit = "examples"      # or "tokens": sizes, shares and mix_total count tokens
 
     [[sources]]
     name = "math"
@@ -61,6 +62,7 @@ class Mixture:
     mix_cap: int = 0
     mix_total: int = 0
     holdout: float = 0.0
+    mix_unit: Literal["examples", "tokens"] = "examples"
 
 
 def check_mixture(mix: Mixture, where: str) -> None:
@@ -121,6 +123,7 @@ def mixture_of(data: Any) -> Mixture:
         mix_cap=data.mix_cap,
         mix_total=data.mix_total,
         holdout=data.eval_fraction if not data.eval else 0.0,
+        mix_unit=data.mix_unit,
     )
     check_mixture(mix, "data.")
     return mix
@@ -151,6 +154,7 @@ def native_mixture(mix: Mixture, split: str = "train") -> dict[str, Any]:
         "mix_total": mix.mix_total,
         "holdout": mix.holdout,
         "split": split,
+        "mix_unit": mix.mix_unit,
     }
 
 
@@ -166,6 +170,7 @@ def same_mixture(manifest: dict[str, Any], mix: Mixture, split: str = "train") -
         return [t["name"] for t in tasks] == [s.name for s in mix.sources]
     return (
         report["mixing"] == mix.mixing
+        and report["unit"] == mix.mix_unit
         and (mix.mixing != "temperature" or report["temperature"] == mix.temperature)
         and (report["mix_cap"] or 0) == (mix.mix_cap if mix.mixing == "proportional" else 0)
         and (mix.mix_total == 0 or report["total"] == mix.mix_total)
@@ -187,7 +192,8 @@ def format_mixture(report: dict[str, Any]) -> list[str]:
     elif held:
         rule += f", {held:,} examples held out for eval"
     lines = [
-        f"  mixture ({rule}), {report['total']:,} examples drawn; shares target -> realised:",
+        f"  mixture ({rule}), {report['total']:,} {'tokens aimed at' if report['unit'] == 'tokens' else 'examples drawn'}; "
+        "shares target -> realised:",
         f"    {'task':<16} {'target':>7} {'examples':>9} {'tok(exp)':>9} {'tokens':>7} {'loss tok':>8}"
         f" {'available':>10} {'taken':>9} {'repeated':>9}",
     ]

@@ -54,6 +54,8 @@ pub struct MixConfig {
     /// train: the sampled mixture of the examples not held out; eval: the held-out examples of
     /// every source, each once (the mixing rule does not apply).
     pub split: String,
+    /// examples | tokens: what sizes, shares and `mix_total` count.
+    pub mix_unit: String,
 }
 
 impl Default for MixConfig {
@@ -66,6 +68,7 @@ impl Default for MixConfig {
             mix_total: 0,
             holdout: 0.0,
             split: "train".into(),
+            mix_unit: "examples".into(),
         }
     }
 }
@@ -170,6 +173,12 @@ impl MixConfig {
                 )
             }
         }
+        if !matches!(self.mix_unit.as_str(), "examples" | "tokens") {
+            return bad(
+                "mix_unit".into(),
+                format!("{:?} is not one of examples, tokens", self.mix_unit),
+            );
+        }
         match self.mixing.as_str() {
             "weights" => Ok(Mixing::Weights),
             "temperature" => {
@@ -246,6 +255,81 @@ pub fn largest_remainder(shares: &[f64], total: u64) -> Vec<u64> {
         }
     }
     counts
+}
+
+/// What a mixture draws: per source the share of the examples and of the tokens it targets, and
+/// the example counts (summing to the number drawn).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Targets {
+    pub example_shares: Vec<f64>,
+    pub token_shares: Vec<f64>,
+    pub counts: Vec<u64>,
+    /// The budget in the unit: examples, or tokens.
+    pub total: u64,
+}
+
+/// The targets of a mixture over sources with `examples` usable examples of `tokens` tokens.
+///
+/// `by_tokens == false`: sizes s_i = epochs_i * examples_i, example shares p_i from the rule, N =
+/// `budget` or the rule's default, c_i = largest remainder of p_i * N; the token shares follow as
+/// p_i * L_i / sum_j p_j * L_j with L_i the mean length. `by_tokens == true`: the same rule over
+/// token sizes epochs_i * tokens_i gives token shares q_i and a token budget N_tok; source i then
+/// needs x_i = q_i * N_tok / L_i examples, so p_i = x_i / sum_j x_j and N = round(sum_j x_j).
+pub fn targets(
+    rule: Mixing,
+    by_tokens: bool,
+    examples: &[u64],
+    tokens: &[u64],
+    epochs: &[f64],
+    weights: &[f64],
+    budget: u64,
+) -> Targets {
+    let mean: Vec<f64> = tokens
+        .iter()
+        .zip(examples)
+        .map(|(&t, &n)| t as f64 / n.max(1) as f64)
+        .collect();
+    let measure = if by_tokens { tokens } else { examples };
+    let sizes: Vec<f64> = measure
+        .iter()
+        .zip(epochs)
+        .map(|(&m, e)| m as f64 * e)
+        .collect();
+    let shares = target_shares(rule, &sizes, weights);
+    let total = if budget > 0 {
+        budget
+    } else {
+        default_total(rule, &sizes)
+    };
+    let normalise = |v: Vec<f64>| {
+        let sum: f64 = v.iter().sum();
+        v.iter().map(|x| x / sum).collect::<Vec<f64>>()
+    };
+    if by_tokens {
+        let needed: Vec<f64> = shares
+            .iter()
+            .zip(&mean)
+            .map(|(q, l)| q * total as f64 / l)
+            .collect();
+        let drawn = needed.iter().sum::<f64>().round() as u64;
+        let example_shares = normalise(needed);
+        let counts = largest_remainder(&example_shares, drawn);
+        Targets {
+            example_shares,
+            token_shares: shares,
+            counts,
+            total,
+        }
+    } else {
+        let counts = largest_remainder(&shares, total);
+        let token_shares = normalise(shares.iter().zip(&mean).map(|(p, l)| p * l).collect());
+        Targets {
+            example_shares: shares,
+            token_shares,
+            counts,
+            total,
+        }
+    }
 }
 
 /// Examples of a source of `n` held out for evaluation: round(holdout * n) for a fraction (at
@@ -358,6 +442,9 @@ pub struct MixReport {
     pub mix_cap: Option<u64>,
     /// The `holdout` option (0: none).
     pub holdout: f64,
+    /// examples | tokens.
+    pub unit: String,
+    /// The budget in `unit` (examples drawn, or tokens aimed at).
     pub total: u64,
     pub tasks: Vec<TaskStats>,
 }
@@ -617,6 +704,29 @@ mod tests {
             prop_assert_eq!(counts.iter().sum::<u64>(), total);
             for (c, p) in counts.iter().zip(&shares) {
                 prop_assert!((*c as f64 - p * total as f64).abs() < 1.0 + 1e-6);
+            }
+        }
+
+        #[test]
+        fn token_targets_turn_into_example_counts(
+            examples in prop::collection::vec(1u64..5000, 1..5),
+            lens in prop::collection::vec(1u64..200, 5),
+            weights in prop::collection::vec(0.1f64..10.0, 5),
+        ) {
+            let k = examples.len();
+            let tokens: Vec<u64> = examples.iter().zip(&lens).map(|(n, l)| n * l).collect();
+            let t = targets(Mixing::Weights, true, &examples, &tokens, &[1.0; 5][..k], &weights[..k], 0);
+            // the token shares are the weights' shares, and the example counts realise them
+            let w: f64 = weights[..k].iter().sum();
+            let drawn: Vec<f64> = t.counts.iter().zip(&lens).map(|(&c, &l)| (c * l) as f64).collect();
+            let all: f64 = drawn.iter().sum();
+            prop_assert_eq!(t.total, tokens.iter().sum::<u64>());
+            for i in 0..k {
+                prop_assert!((t.token_shares[i] - weights[i] / w).abs() < 1e-9);
+                // each count is within one example of its target
+                let exact = t.token_shares[i] * t.total as f64 / lens[i] as f64;
+                prop_assert!((t.counts[i] as f64 - exact).abs() <= 1.0 + 1e-6);
+                prop_assert!((drawn[i] / all - t.token_shares[i]).abs() * all <= 2.0 * 200.0 + 1e-6);
             }
         }
 

@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 use super::jsonl::{expand_inputs, parse_record, BadLine, FieldNames, InputFormat, LineBatches};
 use super::mask::{Doc, Encoder, LossMode};
 use super::mix::{
-    default_total, holdout_count, largest_remainder, schedule, split_positions, target_shares,
-    MixConfig, MixReport, Mixing, Spill, TaskStats,
+    holdout_count, schedule, split_positions, targets, MixConfig, MixReport, Mixing, Spill,
+    TaskStats,
 };
 use super::pack::{
     fit_overlong, BfdPacker, GreedyPacker, Overlong, OverlongCounts, Packing, Row, Unit,
@@ -803,32 +803,32 @@ fn replay_mixture(
         pools.push(pool);
     }
     let available: Vec<u32> = pools.iter().map(|p| p.len() as u32).collect();
-    let sizes: Vec<f64> = tasks
-        .iter()
-        .map(|t| t.examples_available as f64 * if eval { 1.0 } else { t.epochs })
-        .collect();
     // The eval split takes every held-out example once: proportional, no cap, no budget.
     let rule = if eval {
         Mixing::Proportional(None)
     } else {
         mixing
     };
-    let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
-    let shares = target_shares(rule, &sizes, &weights);
-    let total = if mix.mix_total > 0 && !eval {
-        mix.mix_total
-    } else {
-        default_total(rule, &sizes)
-    };
-    let counts = largest_remainder(&shares, total);
-    let mean_len: Vec<f64> = tasks
+    let by_tokens = mix.mix_unit == "tokens" && !eval;
+    let column = |f: fn(&TaskStats) -> u64| tasks.iter().map(f).collect::<Vec<u64>>();
+    let epochs: Vec<f64> = tasks
         .iter()
-        .map(|t| t.tokens_available as f64 / t.examples_available as f64)
+        .map(|t| if eval { 1.0 } else { t.epochs })
         .collect();
-    let expected: f64 = shares.iter().zip(&mean_len).map(|(p, l)| p * l).sum();
+    let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
+    let goal = targets(
+        rule,
+        by_tokens,
+        &column(|t| t.examples_available),
+        &column(|t| t.tokens_available),
+        &epochs,
+        &weights,
+        if eval { 0 } else { mix.mix_total },
+    );
+    let counts = goal.counts;
     for (t, task) in tasks.iter_mut().enumerate() {
-        task.target_share = shares[t];
-        task.target_token_share = shares[t] * mean_len[t] / expected;
+        task.target_share = goal.example_shares[t];
+        task.target_token_share = goal.token_shares[t];
         task.examples_taken = counts[t];
         task.examples_distinct = counts[t].min(task.examples_available);
         task.examples_repeated = counts[t] - task.examples_distinct;
@@ -896,7 +896,8 @@ fn replay_mixture(
             _ => None,
         },
         holdout: mix.holdout,
-        total,
+        unit: if by_tokens { "tokens" } else { "examples" }.into(),
+        total: goal.total,
         tasks,
     };
     Ok((report, overlong))
