@@ -159,24 +159,17 @@ def native_mixture(mix: Mixture, split: str = "train") -> dict[str, Any]:
 
 
 def same_mixture(manifest: dict[str, Any], mix: Mixture, split: str = "train") -> bool:
-    """Whether a prepared folder's manifest was made with this mixture's sources and rule."""
+    """Whether a prepared folder's manifest was made from this mixture (same sources, options,
+    rule and split)."""
     report = manifest.get("mixture")
     if not report:
         return False
-    tasks = report["tasks"]
-    if report["split"] != split or report["holdout"] != mix.holdout:
-        return False
-    if split == "eval":
-        return [t["name"] for t in tasks] == [s.name for s in mix.sources]
-    return (
-        report["mixing"] == mix.mixing
-        and report["unit"] == mix.mix_unit
-        and (mix.mixing != "temperature" or report["temperature"] == mix.temperature)
-        and (report["mix_cap"] or 0) == (mix.mix_cap if mix.mixing == "proportional" else 0)
-        and (mix.mix_total == 0 or report["total"] == mix.mix_total)
-        and [(t["name"], t["weight"], t["epochs"]) for t in tasks]
-        == [(s.name, s.weight, s.epochs) for s in mix.sources]
-    )
+
+    def given(config: dict[str, Any]) -> dict[str, Any]:  # options left out and null are alike
+        sources = [{k: v for k, v in s.items() if v is not None} for s in config["sources"]]
+        return {**config, "sources": sources}
+
+    return given(report["config"]) == given(native_mixture(mix, split))
 
 
 def format_mixture(report: dict[str, Any]) -> list[str]:

@@ -169,9 +169,7 @@ def mixture_rows(config: Config, tokenizer_dir: Path, split: str = "train") -> S
         out,
         native,
         lambda m: (
-            m.get("seq_len") == config.data.seq_len
-            and m.get("seed") == config.seed
-            and same_mixture(m, mix, split)
+            all(m.get(k) == native[k] for k in ("seq_len", "seed", "loss")) and same_mixture(m, mix, split)
         ),
     )
     return PackedDataset(out, shuffle=False)

@@ -435,6 +435,8 @@ pub struct TaskStats {
 /// The mixture section of the manifest.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MixReport {
+    /// The mixture as configured (sources and options), to tell whether a folder is current.
+    pub config: MixConfig,
     /// train, or eval (the held-out examples).
     pub split: String,
     pub mixing: String,

@@ -884,6 +884,7 @@ fn replay_mixture(
         task.trained_token_share = share(task.trained_tokens, trained);
     }
     let report = MixReport {
+        config: mix.clone(),
         split: mix.split.clone(),
         mixing: if eval {
             "holdout".into()
