@@ -31,8 +31,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use std::sync::atomic::Ordering;
+
 use super::mask::Doc;
-use super::pack::{Rng, Unit};
+use super::pack::{fit_overlong, Overlong, OverlongCounts, Packing, Rng, Unit};
+use super::prepare::{PrepareConfig, Progress, SourceStats};
 use crate::error::{Error, Result};
 
 /// The `mixture` section of the prepare config (JSON from the Python side).
@@ -573,6 +576,180 @@ impl Spill {
             .collect();
         Unit { lanes, source }
     }
+}
+
+/// Draws the mixture's schedule from the spilled units and streams the draws, in order, to the
+/// packer (over-long units fitted here). Returns the per-task report and the over-long counts.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn replay(
+    mix: &MixConfig,
+    mixing: Mixing,
+    spill: &Spill,
+    stats: &[SourceStats],
+    file_task: &[usize],
+    cfg: &PrepareConfig,
+    packing: Packing,
+    policy: Overlong,
+    units: std::sync::mpsc::SyncSender<Vec<Unit>>,
+    progress: &Progress,
+) -> Result<(MixReport, OverlongCounts)> {
+    let n_tasks = mix.sources.len();
+    let mut tasks: Vec<TaskStats> = mix
+        .sources
+        .iter()
+        .map(|s| TaskStats {
+            name: s.name.clone(),
+            weight: s.weight,
+            epochs: s.epochs,
+            ..Default::default()
+        })
+        .collect();
+    let mut usable = vec![0u64; n_tasks];
+    for (s, &t) in stats.iter().zip(file_task) {
+        tasks[t].files.push(s.path.clone());
+        usable[t] += s.documents;
+    }
+    let mut first = vec![0usize; n_tasks]; // each task's first unit in the spill
+    for t in 1..n_tasks {
+        first[t] = first[t - 1] + usable[t - 1] as usize;
+    }
+    debug_assert_eq!(
+        first[n_tasks - 1] + usable[n_tasks - 1] as usize,
+        spill.len()
+    );
+    let eval = mix.split == "eval";
+    // Per task: the spill positions (relative to `first`) this split draws from.
+    let mut pools: Vec<Vec<u32>> = Vec::with_capacity(n_tasks);
+    for (t, task) in tasks.iter_mut().enumerate() {
+        if usable[t] == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "mixture source {:?} ({}): no usable examples",
+                task.name,
+                mix.sources[t].inputs.join(", ")
+            )));
+        }
+        if usable[t] > u32::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "mixture source {:?}: more than 2^32 examples",
+                task.name
+            )));
+        }
+        let held = holdout_count(mix.holdout, usable[t]);
+        let (kept, held_out) = split_positions(usable[t] as u32, held as u32, cfg.seed, t);
+        let pool = if eval { held_out } else { kept };
+        task.examples_held_out = held;
+        task.examples_available = pool.len() as u64;
+        for &i in &pool {
+            let unit = spill.unit(first[t] + i as usize, t as u32);
+            task.tokens_available += spill.tokens(first[t] + i as usize);
+            task.trained_tokens_available += unit
+                .lanes
+                .iter()
+                .map(|d| d.trained_targets() as u64)
+                .sum::<u64>();
+        }
+        pools.push(pool);
+    }
+    let available: Vec<u32> = pools.iter().map(|p| p.len() as u32).collect();
+    // The eval split takes every held-out example once: proportional, no cap, no budget.
+    let rule = if eval {
+        Mixing::Proportional(None)
+    } else {
+        mixing
+    };
+    let by_tokens = mix.mix_unit == "tokens" && !eval;
+    let column = |f: fn(&TaskStats) -> u64| tasks.iter().map(f).collect::<Vec<u64>>();
+    let epochs: Vec<f64> = tasks
+        .iter()
+        .map(|t| if eval { 1.0 } else { t.epochs })
+        .collect();
+    let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
+    let goal = targets(
+        rule,
+        by_tokens,
+        &column(|t| t.examples_available),
+        &column(|t| t.tokens_available),
+        &epochs,
+        &weights,
+        if eval { 0 } else { mix.mix_total },
+    );
+    let counts = goal.counts;
+    for (t, task) in tasks.iter_mut().enumerate() {
+        task.target_share = goal.example_shares[t];
+        task.target_token_share = goal.token_shares[t];
+        task.examples_taken = counts[t];
+        task.examples_distinct = counts[t].min(task.examples_available);
+        task.examples_repeated = counts[t] - task.examples_distinct;
+    }
+
+    let plan = schedule(&counts, &available, cfg.seed);
+    let mut overlong = OverlongCounts::default();
+    for chunk in plan.chunks(1024) {
+        if progress.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let mut batch = Vec::with_capacity(chunk.len());
+        for &(t, i) in chunk {
+            let unit = spill.unit(
+                first[t as usize] + pools[t as usize][i as usize] as usize,
+                t,
+            );
+            let fitted = if packing == Packing::Greedy {
+                vec![unit]
+            } else {
+                fit_overlong(unit, cfg.seq_len, policy, &mut overlong)
+            };
+            let task = &mut tasks[t as usize];
+            task.examples_packed += u64::from(!fitted.is_empty());
+            for u in &fitted {
+                task.tokens += u.lanes.iter().map(|d| d.len() as u64).sum::<u64>();
+                task.trained_tokens += u
+                    .lanes
+                    .iter()
+                    .map(|d| d.trained_targets() as u64)
+                    .sum::<u64>();
+            }
+            batch.extend(fitted);
+        }
+        if units.send(batch).is_err() {
+            break; // the packer failed; its error is reported by the caller
+        }
+    }
+    drop(units);
+    let share = |part: u64, all: u64| {
+        if all > 0 {
+            part as f64 / all as f64
+        } else {
+            0.0
+        }
+    };
+    let (packed, tokens, trained) = tasks.iter().fold((0, 0, 0), |(a, b, c), t| {
+        (a + t.examples_packed, b + t.tokens, c + t.trained_tokens)
+    });
+    for task in &mut tasks {
+        task.example_share = share(task.examples_packed, packed);
+        task.token_share = share(task.tokens, tokens);
+        task.trained_token_share = share(task.trained_tokens, trained);
+    }
+    let report = MixReport {
+        config: mix.clone(),
+        split: mix.split.clone(),
+        mixing: if eval {
+            "holdout".into()
+        } else {
+            mix.mixing.clone()
+        },
+        temperature: matches!(rule, Mixing::Temperature(_)).then_some(mix.temperature),
+        mix_cap: match rule {
+            Mixing::Proportional(cap) => cap,
+            _ => None,
+        },
+        holdout: mix.holdout,
+        unit: if by_tokens { "tokens" } else { "examples" }.into(),
+        total: goal.total,
+        tasks,
+    };
+    Ok((report, overlong))
 }
 
 #[cfg(test)]
