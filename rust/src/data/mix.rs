@@ -426,6 +426,10 @@ pub struct TaskStats {
     pub examples_repeated: u64,
     /// Draws that reached the shards (over-long examples may be dropped).
     pub examples_packed: u64,
+    /// Over-long draws split into fragments, truncated, or dropped (`overlong`).
+    pub split: u64,
+    pub truncated: u64,
+    pub dropped: u64,
     /// Tokens of this task in the shards, all lanes, and those that take loss.
     pub tokens: u64,
     pub trained_tokens: u64,
@@ -552,10 +556,19 @@ impl Spill {
         Ok(())
     }
 
-    /// Tokens of unit `k`, all lanes.
-    pub fn tokens(&self, k: usize) -> u64 {
-        let (a, b) = (k * self.lanes, (k + 1) * self.lanes);
-        self.offsets[b] - self.offsets[a]
+    /// (tokens, trained targets) of unit `k`, all lanes, as [`Doc::len`] and
+    /// [`Doc::trained_targets`] count them, read without decoding the unit.
+    pub fn counts(&self, k: usize) -> (u64, u64) {
+        let (_, mask) = self.maps.as_ref().expect("spill finished");
+        let mut counts = (0, 0);
+        for seq in k * self.lanes..(k + 1) * self.lanes {
+            let (a, b) = (self.offsets[seq] as usize, self.offsets[seq + 1] as usize);
+            counts.0 += (b - a) as u64;
+            // every target but the first token's; all of them when the sequence has no mask
+            let flags = &mask[(a + 1).min(b)..b];
+            counts.1 += flags.iter().filter(|&&f| f != 0).count() as u64;
+        }
+        counts
     }
 
     /// Unit number `k` (after [`Spill::finish`]), tagged with `source`.
@@ -640,13 +653,9 @@ pub(crate) fn replay(
         task.examples_held_out = held;
         task.examples_available = pool.len() as u64;
         for &i in &pool {
-            let unit = spill.unit(first[t] + i as usize, t as u32);
-            task.tokens_available += spill.tokens(first[t] + i as usize);
-            task.trained_tokens_available += unit
-                .lanes
-                .iter()
-                .map(|d| d.trained_targets() as u64)
-                .sum::<u64>();
+            let (tokens, trained) = spill.counts(first[t] + i as usize);
+            task.tokens_available += tokens;
+            task.trained_tokens_available += trained;
         }
         pools.push(pool);
     }
@@ -694,6 +703,7 @@ pub(crate) fn replay(
                 first[t as usize] + pools[t as usize][i as usize] as usize,
                 t,
             );
+            let before = overlong;
             let fitted = if packing == Packing::Greedy {
                 vec![unit]
             } else {
@@ -701,6 +711,9 @@ pub(crate) fn replay(
             };
             let task = &mut tasks[t as usize];
             task.examples_packed += u64::from(!fitted.is_empty());
+            task.split += overlong.split - before.split;
+            task.truncated += overlong.truncated - before.truncated;
+            task.dropped += overlong.dropped - before.dropped;
             for u in &fitted {
                 task.tokens += u.lanes.iter().map(|d| d.len() as u64).sum::<u64>();
                 task.trained_tokens += u
@@ -854,6 +867,13 @@ mod tests {
         spill.finish().unwrap();
         assert_eq!(spill.len(), 2);
         assert_eq!(spill.unit(1, 0), units[1]);
+        for (k, u) in units.iter().enumerate() {
+            let doc = &u.lanes[0];
+            assert_eq!(
+                spill.counts(k),
+                (doc.len() as u64, doc.trained_targets() as u64)
+            );
+        }
         assert_eq!(spill.unit(0, 7).lanes, units[0].lanes);
         assert_eq!(spill.unit(0, 7).source, 7);
     }

@@ -356,10 +356,11 @@ impl Drop for TempDir {
     }
 }
 
-/// Where encoded units go: straight to the packer, or (a mixture) into the spill for sampling.
-enum Sink<'a> {
+/// Where encoded units go: to the packer (fitted to `seq_len`, tagged with their file), or (a
+/// mixture) to the spill writer for sampling (as read, tagged with their task).
+enum Sink {
     Pack(std::sync::mpsc::SyncSender<Vec<Unit>>),
-    Spill(&'a mut Spill),
+    Spill(std::sync::mpsc::SyncSender<Vec<Unit>>),
 }
 
 /// What the reading stage found.
@@ -383,7 +384,7 @@ struct Reader<'a> {
 impl Reader<'_> {
     /// Reads every file (reader thread), encodes each batch on every core (order kept), and hands
     /// the units of the accepted records to `sink`.
-    fn run(&self, mut sink: Sink<'_>) -> Result<Encoded> {
+    fn run(&self, sink: Sink) -> Result<Encoded> {
         let (cfg, plan, files, progress) = (self.cfg, self.plan, self.files, self.progress);
         let mut stats: Vec<SourceStats> = files
             .iter()
@@ -474,11 +475,11 @@ impl Reader<'_> {
                         src.trained_tokens += trained;
                         progress.documents.fetch_add(1, Ordering::Relaxed);
                         progress.tokens.fetch_add(tokens, Ordering::Relaxed);
-                        match &mut sink {
-                            Sink::Spill(spill) => spill.push(&Unit {
+                        match &sink {
+                            Sink::Spill(_) => units.push(Unit {
                                 lanes: docs,
                                 source: self.file_task[line.source] as u32,
-                            })?,
+                            }),
                             Sink::Pack(_) => {
                                 let unit = Unit {
                                     lanes: docs,
@@ -501,10 +502,9 @@ impl Reader<'_> {
                             }
                         }
                     }
-                    if let Sink::Pack(tx) = &sink {
-                        if tx.send(units).is_err() {
-                            break; // the packer failed; its error is reported by the caller
-                        }
+                    let (Sink::Pack(tx) | Sink::Spill(tx)) = &sink;
+                    if tx.send(units).is_err() {
+                        break; // the packer or spill writer failed; the caller reports its error
                     }
                 }
                 Ok(())
@@ -620,7 +620,19 @@ fn run(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
         }
         Some((mix, mixing)) => {
             let mut spill = Spill::create(&temp.join("spill"))?;
-            let encoded = reader.run(Sink::Spill(&mut spill))?;
+            let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(2);
+            let encoded = std::thread::scope(|scope| -> Result<_> {
+                let spill = &mut spill;
+                let writer = scope.spawn(move || -> Result<()> {
+                    for unit in unit_rx.iter().flatten() {
+                        spill.push(&unit)?;
+                    }
+                    Ok(())
+                });
+                let encoded = reader.run(Sink::Spill(unit_tx));
+                writer.join().expect("spill writer panicked")?;
+                encoded
+            })?;
             spill.finish()?;
             let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(2);
             std::thread::scope(|scope| -> Result<_> {
@@ -1004,6 +1016,10 @@ mod tests {
         assert_eq!(
             mix.tasks.iter().map(|t| t.tokens).sum::<u64>(),
             a.manifest.tokens
+        );
+        assert_eq!(
+            mix.tasks.iter().map(|t| t.split).sum::<u64>(),
+            a.manifest.split
         );
         // same bytes with one thread; the spill is gone
         let again = PrepareConfig {
