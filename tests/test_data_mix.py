@@ -306,12 +306,29 @@ def test_mix_file_cli_and_summary(corpus, tmp_path):
 def test_bad_mixtures_name_the_field(corpus, tmp_path):
     from ferrotune.data.mix import load_mixture
 
-    root, _tok, files = corpus
+    root, tok, files = corpus
     cases = {
         'wieght = 2.0\nname = "a"\npath = "a.jsonl"': "sources[0].wieght",
         'weight = 0\nname = "a"\npath = "a.jsonl"': "sources[0].weight: must be > 0",
         'name = "a"': "sources[0].path: required",
     }
+    # the CLI prints the error and exits with 2
+    bad = tmp_path / "cli.toml"
+    bad.write_text('[[sources]]\nname = "a"\npath = "a.jsonl"\nepochs = 0\n')
+    cmd = [
+        sys.executable,
+        "-m",
+        "ferrotune",
+        "prepare",
+        "--mix",
+        str(bad),
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and "cli.toml: sources[0].epochs: must be > 0" in done.stderr, done.stderr
     for body, message in cases.items():
         mix = tmp_path / "bad.toml"
         mix.write_text(f"[[sources]]\n{body}\n")
@@ -387,6 +404,15 @@ def test_run_config_sources_prepare_a_mixture_with_task_ids(corpus, tmp_path):
     # bad keys name themselves
     with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.wieght"):
         load_config(toml, ["data.sources=[{name = 'a', path = 'x', wieght = 1}]"])
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.weight: must be > 0"):
+        training_rows(
+            load_config(
+                toml, ["data.sources=[{name = 'a', path = 'x'}, {name = 'b', path = 'y', weight = -1}]"]
+            ),
+            None,
+            tok,
+            in_memory=None,
+        )
     with pytest.raises(ConfigError, match=r"data\.train and data\.sources"):
         training_rows(load_config(toml, ["data.train=x.jsonl"]), None, tok, in_memory=None)
 
