@@ -27,6 +27,9 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "w
 # first word so a document's text tells which source it came from.
 SOURCES = [("alpha", 5000, 4), ("bravo", 1000, 9), ("charlie", 200, 16)]
 SEQ_LEN = 128
+# Realised shares against the targets: the contract is 2 points; exact counts do much better on
+# this corpus (measured: < 0.03 points), so half a point still catches any bias.
+TOLERANCE = 0.005
 
 
 def example(marker: str, i: int, n_words: int) -> str:
@@ -131,8 +134,8 @@ def check_shares(corpus, summary: dict, target: list[float]) -> list:
     token_target = expected_token_shares(target, summary)
     for i, task in enumerate(summary["manifest"]["mixture"]["tasks"]):
         assert task["target_share"] == pytest.approx(target[i], abs=1e-9)
-        assert abs(examples[i] - target[i]) < 0.02, (task["name"], examples, target)
-        assert abs(tokens[i] - token_target[i]) < 0.02, (task["name"], tokens, token_target)
+        assert abs(examples[i] - target[i]) < TOLERANCE, (task["name"], examples, target)
+        assert abs(tokens[i] - token_target[i]) < TOLERANCE, (task["name"], tokens, token_target)
         # the report agrees with what the shards hold
         assert task["example_share"] == pytest.approx(examples[i], abs=1e-9)
         assert task["token_share"] == pytest.approx(tokens[i], abs=1e-9)
@@ -222,7 +225,7 @@ def test_token_unit_mixing_hits_token_shares(corpus, mixing):
     _, tokens, _ = realised(docs)
     for i, task in enumerate(tasks):
         assert task["target_token_share"] == pytest.approx(token_target[i], abs=1e-9)
-        assert abs(tokens[i] - token_target[i]) < 0.02, (tokens, token_target)
+        assert abs(tokens[i] - token_target[i]) < TOLERANCE, (tokens, token_target)
     # the token budget defaults to the corpus' tokens
     assert summary["manifest"]["mixture"]["total"] == sum(t["tokens_available"] for t in tasks)
     assert abs(sum(len(ids) for _, ids, _ in docs) / summary["manifest"]["mixture"]["total"] - 1) < 0.01
