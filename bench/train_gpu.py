@@ -35,6 +35,22 @@ L1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_a
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# Experiments: BENCH_SDPA=flash|efficient|cudnn pins SDPA's backend; BENCH_CE_CHUNK=tokens per
+# cross-entropy chunk (default: 1 GiB of logits).
+CE_CHUNK = int(os.environ["BENCH_CE_CHUNK"]) if os.environ.get("BENCH_CE_CHUNK") else None
+
+
+def sdpa_backend():
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    choice = os.environ.get("BENCH_SDPA", "")
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
+    return sdpa_kernel(backends[choice]) if choice else contextlib.nullcontext()
+
+
 def emit(record: dict) -> None:
     line = json.dumps(record)
     print(line, flush=True)
@@ -131,8 +147,12 @@ def train_case(
     inner.model.checkpointed_layers = checkpointed
     if compile_blocks:
         kernels.set_enabled(False)  # Inductor fuses the plain formulas itself
+        if os.environ.get("BENCH_ACT_BUDGET"):  # the partitioner recomputes until saved activations fit
+            from torch._functorch import config as functorch_config
+
+            functorch_config.activation_memory_budget = float(os.environ["BENCH_ACT_BUDGET"])
         for layer in inner.model.layers:
-            layer.compile()
+            layer.compile(mode=os.environ.get("BENCH_COMPILE_MODE") or None)
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,10 +178,15 @@ def train_case(
             batch = dict(input_ids=ids, labels=labels)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        hidden = inner.hidden_states(
-            batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
-        )
-        loss = linear_cross_entropy(hidden, inner.lm_head.weight, batch["labels"])
+        with sdpa_backend():
+            hidden = inner.hidden_states(
+                batch["input_ids"],
+                position_ids=batch.get("position_ids"),
+                document_ids=batch.get("document_ids"),
+            )
+        kernels.set_enabled(True)  # the loss kernel stays on outside the compiled blocks
+        loss = linear_cross_entropy(hidden, inner.lm_head.weight, batch["labels"], chunk_size=CE_CHUNK)
+        kernels.set_enabled(not compile_blocks)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,7 +200,8 @@ def train_case(
               trainable=ntrain, step_s_median=round(med, 4), step_s_min=round(times[0], 4),
               tokens_per_s=round(bsz * seq / med, 1), useful_tokens_per_s=round(useful / sum(times), 1),
               weights_gib=round(weights_gib, 2), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed))  # fmt: skip
+              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed,
+              sdpa=os.environ.get("BENCH_SDPA", "auto"), ce_chunk=CE_CHUNK))  # fmt: skip
     kernels.set_enabled(True)
     del model, opt, params, loss
     gc.collect()

@@ -599,7 +599,11 @@ class CausalLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        labels: torch.Tensor | None = None,  # (B, T) pre-shifted targets, -100 = no loss
     ) -> torch.Tensor:
+        """Logits (B, T, V); with `labels`, the summed token cross-entropy instead (an fp32
+        scalar: sum over trained positions of -log softmax(logits)[label]), which a plain linear
+        head computes chunk by chunk without materialising the logits (`kernels.linear_cross_entropy`)."""
         hidden = self.hidden_states(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -608,7 +612,18 @@ class CausalLM(nn.Module):
             kv_cache=kv_cache,
             prefix_kv=prefix_kv,
         )
-        return self.lm_head(hidden)  # (B, T, V)
+        if labels is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            return kernels.linear_cross_entropy(hidden, head.weight, labels, normalizer=1.0)
+        logits = head(hidden)  # a wrapped head (modules_to_save, LoRA on lm_head): full logits
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
 
     @property
     def gradient_checkpointing(self) -> bool:

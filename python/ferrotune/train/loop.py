@@ -37,7 +37,7 @@ from ferrotune.config import Config, TrainConfig, to_dict
 from ferrotune.errors import FormatError
 from ferrotune.io import load_checkpoint, save_safetensors
 from ferrotune.train import dist
-from ferrotune.train.losses import token_cross_entropy_sum, trained_tokens
+from ferrotune.train.losses import trained_tokens
 
 Batch = dict[str, torch.Tensor]
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids")
@@ -158,11 +158,14 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def batch_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed token cross-entropy of one micro-batch already on the model's device."""
-    logits = model(
-        batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
-    )  # (B, T, V)
-    return token_cross_entropy_sum(logits, batch["labels"])
+    """Summed token cross-entropy of one micro-batch already on the model's device (the model
+    computes it from its hidden states: no (B, T, V) logits tensor)."""
+    return model(
+        batch["input_ids"],
+        position_ids=batch.get("position_ids"),
+        document_ids=batch.get("document_ids"),
+        labels=batch["labels"],
+    )
 
 
 def real_tokens(batch: Batch) -> int:
