@@ -472,3 +472,46 @@ def test_preference_mixture_tags_both_lanes(corpus, tmp_path):
             assert rt[rd == d].unique().tolist() == [task]
             counts[task] += 1
     assert counts == {0: 40, 1: 40}  # equal weights over 80 pairs
+
+
+def test_train_runs_on_a_mixture(corpus, tmp_path, capsys):
+    from ferrotune.cli import main
+
+    _root, tok, files = corpus
+    vocab = Tokenizer.from_file(str(tok / "tokenizer.json")).get_vocab_size()
+    (tmp_path / "run.toml").write_text(
+        f"""
+task = "pretrain"
+[model]
+init = {{ vocab_size = {vocab}, hidden_size = 32, intermediate_size = 48, num_hidden_layers = 1, num_attention_heads = 4, num_key_value_heads = 2 }}
+tokenizer = "{tok}"
+[data]
+seq_len = 64
+mixing = "weights"
+mix_total = 300
+eval_fraction = 0.05
+[[data.sources]]
+name = "alpha"
+path = "{files["alpha"]}"
+[[data.sources]]
+name = "charlie"
+path = "{files["charlie"]}"
+weight = 3.0
+[train]
+steps = 3
+batch_size = 2
+[run]
+output_dir = "{tmp_path / "run"}"
+log_every = 1
+eval_batches = 1
+tensorboard = false
+plot = false
+"""
+    )
+    assert main(["train", str(tmp_path / "run.toml")]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    tasks = json.loads((tmp_path / "run" / "prepared" / "train" / "manifest.json").read_text())["mixture"][
+        "tasks"
+    ]
+    assert [t["examples_taken"] for t in tasks] == [75, 225]
+    assert [t["examples_held_out"] for t in tasks] == [250, 10]
