@@ -174,6 +174,15 @@ def test_explicit_weights(corpus):
     summary = run_mix(corpus, "explicit", "weights", sources=sources)
     check_shares(corpus, summary, [0.5, 0.3, 0.2])
     assert summary["manifest"]["mixture"]["total"] == sum(SIZES)  # default budget: the corpus size
+    # HF's stopping strategies: stop when charlie (200 at 20%) is used up, or alpha (5000 at 50%)
+    first = run_mix(corpus, "first", "weights", sources=sources, mix_stop="first_exhausted")
+    tasks = first["manifest"]["mixture"]["tasks"]
+    assert [t["examples_taken"] for t in tasks] == [500, 300, 200]
+    assert [t["examples_repeated"] for t in tasks] == [0, 0, 0]
+    every = run_mix(corpus, "every", "weights", sources=sources, mix_stop="all_exhausted")
+    tasks = every["manifest"]["mixture"]["tasks"]
+    assert [t["examples_taken"] for t in tasks] == [5000, 3000, 2000]
+    assert [t["examples_distinct"] for t in tasks] == SIZES
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 1000.0])

@@ -18,6 +18,8 @@ A mix file holds the same keys as the run config's `[data]` mixture keys:
     mix_total = 0              # examples drawn in all (0: sum of the (capped) sizes)
     holdout = 0.0              # per source, kept out of the sampling: a fraction, or a count (>= 1)
     mix_unit = "examples"      # or "tokens": sizes, shares and mix_total count tokens
+    mix_stop = ""              # instead of mix_total: "first_exhausted" (no source repeats) or
+                               # "all_exhausted" (every example at least once; oversampling)
 
     [[sources]]
     name = "math"
@@ -63,6 +65,7 @@ class Mixture:
     mix_total: int = 0
     holdout: float = 0.0
     mix_unit: Literal["examples", "tokens"] = "examples"
+    mix_stop: Literal["", "first_exhausted", "all_exhausted"] = ""
 
 
 def check_mixture(mix: Mixture, where: str) -> None:
@@ -87,6 +90,8 @@ def check_mixture(mix: Mixture, where: str) -> None:
         raise ConfigError(f"{where}temperature: must be > 0, got {mix.temperature}")
     if mix.mix_cap < 0 or mix.mix_total < 0:
         raise ConfigError(f"{where}mix_cap and mix_total: must be >= 0")
+    if mix.mix_stop and mix.mix_total:
+        raise ConfigError(f"{where}mix_stop and mix_total: give one")
     if not mix.holdout >= 0:
         raise ConfigError(f"{where}holdout: must be >= 0, got {mix.holdout}")
 
@@ -124,6 +129,7 @@ def mixture_of(data: Any) -> Mixture:
         mix_total=data.mix_total,
         holdout=data.eval_fraction if not data.eval else 0.0,
         mix_unit=data.mix_unit,
+        mix_stop=data.mix_stop,
     )
     check_mixture(mix, "data.")
     return mix
@@ -155,6 +161,7 @@ def native_mixture(mix: Mixture, split: str = "train") -> dict[str, Any]:
         "holdout": mix.holdout,
         "split": split,
         "mix_unit": mix.mix_unit,
+        "mix_stop": mix.mix_stop,
     }
 
 

@@ -13,7 +13,10 @@
 //!
 //! The total N is `mix_total` when given, else sum_j min(s_j, cap) for proportional mixing (so
 //! without a cap every source is taken exactly e_i times: 2.5 = twice, plus a random half) and
-//! sum_j s_j for the other two rules. The example counts c_i are p_i * N rounded by largest
+//! sum_j s_j for the other two rules; `mix_stop` sets it to min_i s_i / p_i (first_exhausted: no
+//! source drawn beyond its size) or max_i s_i / p_i (all_exhausted). `mix_unit = "tokens"` applies
+//! all of this to token counts and converts the token targets into example counts ([`targets`]).
+//! The example counts c_i are p_i * N rounded by largest
 //! remainder (they sum to N exactly, each within 1 of its target). Source i then contributes
 //! floor(c_i / n_i) full passes over its examples plus a seeded random subset (without
 //! replacement) of c_i mod n_i of them, and all N draws are interleaved by one seeded shuffle.
@@ -59,6 +62,10 @@ pub struct MixConfig {
     pub split: String,
     /// examples | tokens: what sizes, shares and `mix_total` count.
     pub mix_unit: String,
+    /// Instead of `mix_total`: first_exhausted (the largest total at which no source is drawn
+    /// beyond its size: no repeats, HF's first_exhausted) or all_exhausted (the smallest at which
+    /// every source is drawn at least its size: oversampling); empty for the default.
+    pub mix_stop: String,
 }
 
 impl Default for MixConfig {
@@ -72,6 +79,7 @@ impl Default for MixConfig {
             holdout: 0.0,
             split: "train".into(),
             mix_unit: "examples".into(),
+            mix_stop: String::new(),
         }
     }
 }
@@ -117,6 +125,30 @@ impl Default for MixSource {
             rejected_field: None,
             role_field: None,
             content_field: None,
+        }
+    }
+}
+
+/// How many examples (or tokens) a mixture draws in all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// The rule's default (see the module docs).
+    Default,
+    Total(u64),
+    /// min_i s_i / p_i: the first source is used up exactly, none repeats.
+    FirstExhausted,
+    /// max_i s_i / p_i: the last source is used up exactly, the others repeat.
+    AllExhausted,
+}
+
+impl MixConfig {
+    /// The budget the options ask for (after [`MixConfig::validate`]).
+    pub fn budget(&self) -> Budget {
+        match (self.mix_stop.as_str(), self.mix_total) {
+            ("first_exhausted", _) => Budget::FirstExhausted,
+            ("all_exhausted", _) => Budget::AllExhausted,
+            (_, 0) => Budget::Default,
+            (_, n) => Budget::Total(n),
         }
     }
 }
@@ -173,6 +205,22 @@ impl MixConfig {
                 return bad(
                     "split".into(),
                     format!("{other:?} is not one of train, eval"),
+                )
+            }
+        }
+        match self.mix_stop.as_str() {
+            "" => {}
+            "first_exhausted" | "all_exhausted" if self.mix_total == 0 => {}
+            "first_exhausted" | "all_exhausted" => {
+                return bad(
+                    "mix_stop".into(),
+                    "give mix_stop or mix_total, not both".into(),
+                )
+            }
+            other => {
+                return bad(
+                    "mix_stop".into(),
+                    format!("{other:?} is not one of first_exhausted, all_exhausted"),
                 )
             }
         }
@@ -285,7 +333,7 @@ pub fn targets(
     tokens: &[u64],
     epochs: &[f64],
     weights: &[f64],
-    budget: u64,
+    budget: Budget,
 ) -> Targets {
     let mean: Vec<f64> = tokens
         .iter()
@@ -299,10 +347,17 @@ pub fn targets(
         .map(|(&m, e)| m as f64 * e)
         .collect();
     let shares = target_shares(rule, &sizes, weights);
-    let total = if budget > 0 {
-        budget
-    } else {
-        default_total(rule, &sizes)
+    // s_i / p_i: the total at which source i is drawn exactly its size (sources with p_i = 0 never are)
+    let reach = sizes
+        .iter()
+        .zip(&shares)
+        .filter(|(_, &p)| p > 0.0)
+        .map(|(s, p)| s / p);
+    let total = match budget {
+        Budget::Default => default_total(rule, &sizes),
+        Budget::Total(n) => n,
+        Budget::FirstExhausted => (reach.fold(f64::INFINITY, f64::min) + 1e-9).floor() as u64,
+        Budget::AllExhausted => (reach.fold(0.0, f64::max) - 1e-9).ceil() as u64,
     };
     let normalise = |v: Vec<f64>| {
         let sum: f64 = v.iter().sum();
@@ -680,7 +735,7 @@ pub(crate) fn replay(
         &column(|t| t.tokens_available),
         &epochs,
         &weights,
-        if eval { 0 } else { mix.mix_total },
+        if eval { Budget::Default } else { mix.budget() },
     );
     let counts = goal.counts;
     for (t, task) in tasks.iter_mut().enumerate() {
@@ -879,6 +934,37 @@ mod tests {
     }
 
     #[test]
+    fn first_and_all_exhausted_budgets() {
+        let n = [5000, 1000, 200];
+        let tokens = [50_000, 10_000, 2000];
+        let w = [0.5, 0.3, 0.2];
+        let at = |budget| targets(Mixing::Weights, false, &n, &tokens, &[1.0; 3], &w, budget);
+        // charlie (200 at 20%) runs out first at 1000; alpha (5000 at 50%) last at 10000
+        let first = at(Budget::FirstExhausted);
+        assert_eq!(
+            (first.total, first.counts.clone()),
+            (1000, vec![500, 300, 200])
+        );
+        let all = at(Budget::AllExhausted);
+        assert_eq!(
+            (all.total, all.counts.clone()),
+            (10_000, vec![5000, 3000, 2000])
+        );
+        assert_eq!(at(Budget::Total(10)).counts, vec![5, 3, 2]);
+        let cfg = MixConfig {
+            mix_stop: "first_exhausted".into(),
+            mix_total: 5,
+            sources: vec![MixSource {
+                name: "a".into(),
+                inputs: vec!["a".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(cfg.validate().unwrap_err().to_string().contains("not both"));
+    }
+
+    #[test]
     fn holdout_is_a_seeded_subset_that_leaves_one_to_train() {
         assert_eq!(holdout_count(0.1, 1000), 100);
         assert_eq!(holdout_count(0.001, 10), 1);
@@ -914,7 +1000,7 @@ mod tests {
         ) {
             let k = examples.len();
             let tokens: Vec<u64> = examples.iter().zip(&lens).map(|(n, l)| n * l).collect();
-            let t = targets(Mixing::Weights, true, &examples, &tokens, &[1.0; 5][..k], &weights[..k], 0);
+            let t = targets(Mixing::Weights, true, &examples, &tokens, &[1.0; 5][..k], &weights[..k], Budget::Default);
             // the token shares are the weights' shares, and the example counts realise them
             let w: f64 = weights[..k].iter().sum();
             let drawn: Vec<f64> = t.counts.iter().zip(&lens).map(|(&c, &l)| (c * l) as f64).collect();
