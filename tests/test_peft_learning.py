@@ -62,7 +62,7 @@ RECIPES: dict[str, Recipe] = {
     # v_proj, down_proj) only reach ~0.6-0.7 here, see docs/methods.md "Why these recipes"
     "ia3": Recipe(fp.IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"]), 1e-1, 200),
     "houlsby": Recipe(fp.BottleneckConfig(bottleneck_size=32), 3e-2, 160),
-    "pfeiffer": Recipe(fp.BottleneckConfig(bottleneck_size=32, placement="pfeiffer"), 2e-2, 240),
+    "pfeiffer": Recipe(fp.BottleneckConfig(bottleneck_size=64, placement="pfeiffer"), 3e-2, 240),
     "prefix": Recipe(
         fp.PrefixConfig(num_virtual_tokens=8, prefix_projection=True, encoder_hidden_size=64), 1e-2, 80
     ),

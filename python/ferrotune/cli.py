@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> (module, one-line summary). Modules register here, nothing else.
@@ -59,10 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if _launched_by_torchrun():
+        _leave_without_teardown(code)
+    return code
+
+
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _leave_without_teardown(code: int) -> None:
+    """A torchrun rank whose work is done (outputs written and closed, process group left) exits
+    at once: gloo's background threads have been seen to abort in the interpreter's teardown
+    ("terminate called without an active exception"), turning a finished run into a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
