@@ -9,6 +9,11 @@ For N tokens with hidden states h (N, H), head weight W (V, H), targets y and a 
     dL/dlogits_i = (softmax(h_i W^T) - onehot(y_i)) / Z     (zero for ignored tokens)
     dL/dh = dL/dlogits @ W,   dL/dW = dL/dlogits^T @ h
 
+With per-token weights w (multi-task loss weights; w = 1 gives the plain loss above):
+
+    loss = sum_{i: y_i != ignore} w_i (logsumexp(h_i W^T) - (h_i W^T)[y_i]) / Z,   Z = sum_i w_i by default
+    dL/dlogits_i = w_i (softmax(h_i W^T) - onehot(y_i)) / Z
+
 The forward pass walks the tokens in chunks, computing each chunk's logits, its loss and both
 gradients at once; backward only scales the stored gradients by the incoming gradient.
 """
@@ -27,23 +32,31 @@ def linear_cross_entropy_reference(
     weight: torch.Tensor,
     labels: torch.Tensor,
     normalizer: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """hidden (N, H), weight (V, H), labels (N,): summed token loss / normalizer (default: the
-    number of trained tokens), computed from the full fp32 logits."""
+    """hidden (N, H), weight (V, H), labels (N,), token_weights (N,) or None: summed (weighted)
+    token loss / normalizer (default: the trained tokens' total weight), from the full fp32 logits."""
     logits = (hidden @ weight.t()).float()  # (N, V)
-    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / _normalizer(labels, normalizer)
+    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
+    if token_weights is not None:
+        losses = losses * token_weights.float()
+    return losses.sum() / _normalizer(labels, normalizer, token_weights)
 
 
-def _normalizer(labels: torch.Tensor, normalizer: float | torch.Tensor | None) -> torch.Tensor:
+def _normalizer(
+    labels: torch.Tensor, normalizer: float | torch.Tensor | None, token_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     if normalizer is None:
-        return (labels != IGNORE_INDEX).sum().clamp(min=1).float()
+        valid = (labels != IGNORE_INDEX).float()
+        if token_weights is not None:
+            valid = valid * token_weights.float()
+        return valid.sum().clamp(min=1e-12) if token_weights is not None else valid.sum().clamp(min=1)
     return torch.as_tensor(normalizer, dtype=torch.float32, device=labels.device)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, normalizer, chunk_size):
+    def forward(ctx, hidden, weight, labels, normalizer, chunk_size, token_weights=None):
         n_tokens = hidden.shape[0]
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_dh else None
@@ -56,7 +69,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = labels[start : start + chunk_size]  # (C,)
             logits = (h @ weight.t()).float()  # (C, V)
             lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            valid = y != IGNORE_INDEX
+            valid = (y != IGNORE_INDEX).float()
+            if token_weights is not None:
+                valid = valid * token_weights[start : start + chunk_size].float()  # w_i, 0 if ignored
             safe_y = y.clamp(min=0)
             target = logits.gather(1, safe_y[:, None]).squeeze(1)
             total += ((lse - target) * valid).sum()
@@ -64,7 +79,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits: (C, V)
             grad[torch.arange(len(y), device=y.device), safe_y] -= 1.0
-            grad *= (valid.float() / normalizer)[:, None]
+            grad *= (valid / normalizer)[:, None]
             grad = grad.to(h.dtype)
             if want_dh:
                 grad_hidden[start : start + chunk_size] = grad @ weight
@@ -78,7 +93,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         dh = grad_hidden * grad_out if grad_hidden is not None else None
         dw = grad_weight * grad_out if grad_weight is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -87,13 +102,16 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     normalizer: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused, chunked LM-head loss. hidden (..., H) and labels (...) are flattened; labels
-    are pre-shifted targets with -100 where no loss is taken. Equals
+    """The fused, chunked LM-head loss. hidden (..., H), labels (...) and token_weights (...)
+    are flattened; labels are pre-shifted targets with -100 where no loss is taken. Equals
     `linear_cross_entropy_reference` up to floating-point order."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
+    if token_weights is not None:
+        token_weights = token_weights.reshape(-1).detach()
     if chunk_size is None:
         chunk_size = max(256, _CHUNK_BYTES // (4 * weight.shape[0]))
-    z = _normalizer(labels, normalizer)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, z, chunk_size)
+    z = _normalizer(labels, normalizer, token_weights)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, z, chunk_size, token_weights)
