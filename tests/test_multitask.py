@@ -1,0 +1,350 @@
+"""Multi-task training: per-task loss weights (and the chunked LM-head loss with per-token
+weights), per-task evaluation, task-routed adapters (LoRA and prompt tuning) that load in HF PEFT,
+and three synthetic tasks learned from one mixture.
+
+The tasks, on lists of 3-5 "words" (token ids 3..18):
+    reverse   REV w1 w2 w3 SEP -> w3 w2 w1
+    sort      SORT w1 w2 w3 SEP -> the words in ascending order
+    copy      COPY w1 w2 w3 SEP -> w1 w2 w3
+in unequal amounts. One tiny Llama trained in full on the mixture must reach each task's exact
+match bar (greedy, KV cache); then task-routed LoRA adapters over that model, given the prompts
+WITHOUT the instruction token, must learn all three: the prompts of the three tasks are then
+identical, so only the routing can tell them apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import warnings
+
+import ferrotune.peft as fp
+import pytest
+import torch
+import transformers
+from ferrotune.config import Config, MultitaskConfig, RunConfig, TrainConfig
+from ferrotune.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from ferrotune.models.llama import CausalLM, LlamaConfig
+from ferrotune.models.load import save_model
+from ferrotune.peft.prefix import PrefixModel
+from ferrotune.peft.routed import (
+    RoutedLoraLinear,
+    apply_routed,
+    load_routed,
+    routed_layers,
+    routed_lora_reference,
+    save_routed,
+)
+from ferrotune.train.loop import RowBatches, accumulate_gradients, train_loop
+from ferrotune.train.losses import token_cross_entropy_per_token
+from ferrotune.train.multitask import TaskEvaluator, task_weight_vector, token_weights
+
+peft = pytest.importorskip("peft")
+warnings.filterwarnings("ignore", module="peft")
+
+PAD, SEP, EOS = 0, 1, 2
+WORDS = list(range(3, 19))
+REV, SORT, COPY = 19, 20, 21
+VOCAB = 22
+ROW = 64
+TASKS = ["reverse", "sort", "copy"]
+INSTRUCTIONS = [REV, SORT, COPY]
+SIZES = [3000, 1500, 600]  # unequal task sizes
+Example = tuple[int, list[int], list[int]]  # (task index, prompt, answer + EOS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and leave the other core to other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def answer(task: int, words: list[int]) -> list[int]:
+    return [list(reversed(words)), sorted(words), list(words)][task]
+
+
+def example(rng: random.Random, task: int, instructed: bool = True) -> Example:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, 5))]
+    head = [INSTRUCTIONS[task]] if instructed else []
+    return task, [*head, *words, SEP], [*answer(task, words), EOS]
+
+
+def pack_tasks(examples: list[Example]) -> list[dict[str, torch.Tensor]]:
+    """Greedy packing into rows of ROW tokens, answer-only loss, task id per token (-1: padding)."""
+    rows: list[list[Example]] = [[]]
+    for ex in examples:
+        if sum(len(p) + len(a) for _, p, a in rows[-1]) + len(ex[1]) + len(ex[2]) > ROW:
+            rows.append([])
+        rows[-1].append(ex)
+    out = []
+    for docs in rows:
+        ids = torch.full((ROW,), PAD, dtype=torch.long)
+        labels = torch.full((ROW,), -100, dtype=torch.long)
+        positions = torch.zeros(ROW, dtype=torch.long)
+        documents = torch.full((ROW,), -1, dtype=torch.int32)
+        tasks = torch.full((ROW,), -1, dtype=torch.long)
+        start = 0
+        for d, (task, prompt, ans) in enumerate(docs):
+            tokens = torch.tensor(prompt + ans)
+            n = len(tokens)
+            ids[start : start + n] = tokens
+            labels[start + len(prompt) - 1 : start + n - 1] = tokens[len(prompt) :]
+            positions[start : start + n] = torch.arange(n)
+            documents[start : start + n] = d
+            tasks[start : start + n] = task
+            start += n
+        out.append(
+            {"input_ids": ids, "labels": labels, "position_ids": positions, "document_ids": documents, "task_ids": tasks}
+        )
+    return out
+
+
+def tiny_llama(seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    model = CausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=ROW,
+        )
+    )
+    model.init_weights()
+    return model
+
+
+def run_config(out: str, steps: int, lr: float, weights: dict[str, float] | None = None) -> Config:
+    return Config(
+        task="sft",
+        seed=0,
+        train=TrainConfig(steps=steps, batch_size=16, lr=lr, warmup_steps=10, weight_decay=0.01),
+        run=RunConfig(output_dir=out, log_every=1000, tensorboard=True, plot=False),
+        multitask=MultitaskConfig(tasks=TASKS, loss_weights=weights or {}),
+    )
+
+
+def held_out(seed: int, instructed: bool, n: int = 60) -> dict[str, list[tuple[list[int], list[int]]]]:
+    rng = random.Random(seed)
+    return {
+        name: [(p, a[:-1]) for _, p, a in (example(rng, k, instructed) for _ in range(n))]
+        for k, name in enumerate(TASKS)
+    }
+
+
+def evaluator(sets, eval_rows=None) -> TaskEvaluator:  # type: ignore[no-untyped-def]
+    batches = RowBatches(eval_rows, 16, shuffle=False) if eval_rows else None
+    return TaskEvaluator(
+        TASKS, batches, sets, device=torch.device("cpu"), stop_tokens=[EOS], pad_id=PAD, max_new_tokens=6
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss weights
+# ----------------------------------------------------------------------------------------------
+
+
+def test_weighted_loss_is_the_weighted_token_mean_over_the_step() -> None:
+    """L = Σ w_t CE_t / Σ w_t over both micro-batches; gradients equal autograd of that formula."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    rng = random.Random(3)
+    rows = pack_tasks([example(rng, k) for k in (0, 1, 2) * 12])
+    micro = [RowBatches(rows, 2, shuffle=False).epoch(0).__next__(), RowBatches(rows[2:], 2, shuffle=False).epoch(0).__next__()]
+    lam = task_weight_vector(TASKS, {"reverse": 3.0, "copy": 0.5})
+    assert lam.tolist() == [3.0, 1.0, 0.5]
+    loss, _ = accumulate_gradients(model, micro, torch.device("cpu"), task_weights=lam)
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    num = den = 0.0
+    for mb in micro:
+        w = token_weights(mb, lam)
+        per_token = token_cross_entropy_per_token(model(mb["input_ids"], position_ids=mb["position_ids"], document_ids=mb["document_ids"]), mb["labels"])
+        num, den = num + (w * per_token).sum(), den + w.sum()
+    reference = num / den
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-7)
+    # every weight 1: the plain token mean
+    plain, _ = accumulate_gradients(model, micro, torch.device("cpu"))
+    ones, _ = accumulate_gradients(model, micro, torch.device("cpu"), task_weights=torch.ones(3))
+    torch.testing.assert_close(plain, ones)
+
+
+def test_chunked_linear_cross_entropy_takes_token_weights() -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40, (300,), generator=g)
+    labels[::7] = -100
+    w = torch.rand(300, generator=g) * 3
+    fast = linear_cross_entropy(hidden, weight, labels, chunk_size=64, token_weights=w)
+    dh, dw = torch.autograd.grad(fast, (hidden, weight))
+    ref = linear_cross_entropy_reference(hidden, weight, labels, token_weights=w)
+    rh, rw = torch.autograd.grad(ref, (hidden, weight))
+    torch.testing.assert_close(fast, ref)
+    torch.testing.assert_close(dh, rh)
+    torch.testing.assert_close(dw, rw)
+    # the reference is the formula: Σ w CE / Σ w over trained tokens
+    ce = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="none")
+    keep = labels != -100
+    torch.testing.assert_close(ref, (w * ce)[keep].sum() / w[keep].sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Routed adapters
+# ----------------------------------------------------------------------------------------------
+
+
+def routed_lora_model(seed: int = 1) -> fp.PrefixModel:
+    model = tiny_llama(seed)
+    model = fp.apply_peft(model, fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "shared")
+    routed = apply_routed(model, TASKS, fp.LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in routed.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return routed.eval()
+
+
+def test_routed_lora_equals_the_per_task_loop_and_trains_only_its_tasks_adapter() -> None:
+    routed = routed_lora_model()
+    layer = routed_layers(routed)[0][1]
+    assert isinstance(layer, RoutedLoraLinear)
+    x = torch.randn(3, 10, 64)
+    layer.task_ids = torch.tensor([[0] * 5 + [1] * 5, [2] * 10, [-1] * 3 + [1] * 7])  # per token
+    torch.testing.assert_close(layer(x), routed_lora_reference(layer, x))
+    layer.task_ids = torch.tensor([2, 0, 1])  # per row
+    torch.testing.assert_close(layer(x), routed_lora_reference(layer, x))
+    # a batch of task-1 tokens only: no gradient reaches tasks 0 and 2
+    ids = torch.randint(3, 19, (2, 8))
+    routed(ids, task_ids=torch.ones(2, 8, dtype=torch.long)).sum().backward()
+    grads = layer.lora_A.grad.abs().sum(dim=(1, 2))
+    assert grads[1] > 0 and grads[0] == 0 and grads[2] == 0
+
+
+def test_routed_lora_saves_as_peft_adapters_that_load_in_peft_and_back(tmp_path) -> None:
+    routed = routed_lora_model()
+    base_dir = tmp_path / "base"
+    save_model(tiny_llama(1), base_dir)  # the same random base as routed_lora_model(1)
+    out = save_routed(routed, tmp_path / "adapters", fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    assert sorted(p.name for p in (out / "tasks").iterdir()) == sorted(TASKS)
+    for folder in [out / "shared", *(out / "tasks" / t for t in TASKS)]:
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, str(out / "shared"), adapter_name="shared")
+    for task in TASKS:
+        theirs.load_adapter(str(out / "tasks" / task), adapter_name=task)
+    theirs.eval()
+    ids = torch.randint(3, 19, (2, 9), generator=torch.Generator().manual_seed(2))
+    back = load_routed(tiny_llama(1), out).eval()
+    outputs = []
+    with torch.no_grad():
+        for k, task in enumerate(TASKS):
+            ours = routed(ids, task_ids=torch.full((2,), k))
+            theirs.base_model.set_adapter(["shared", task])  # PEFT: several LoRA adapters active at once
+            torch.testing.assert_close(ours, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(back(ids, task_ids=torch.full((2,), k)), ours)
+            outputs.append(ours)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # the tasks' adapters really differ
+
+
+def test_routed_prompts_route_each_row_to_its_tasks_prompt_and_load_in_peft(tmp_path) -> None:
+    model = tiny_llama(2)
+    routed = apply_routed(model, TASKS, fp.PromptConfig(num_virtual_tokens=3)).eval()
+    ids = torch.randint(3, 19, (3, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        mixed = routed(ids, task_ids=torch.tensor([2, 0, 1]))  # one forward, three tasks
+    out = save_routed(routed, tmp_path / "prompts")
+    base_dir = tmp_path / "base"
+    save_model(tiny_llama(2), base_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    for row, k in enumerate([2, 0, 1]):
+        # ferrotune's single-prompt model and PEFT's prompt tuning, each with task k's prompt alone
+        single = fp.load_adapter(tiny_llama(2), str(out / "tasks" / TASKS[k]))
+        assert isinstance(single, PrefixModel)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out / "tasks" / TASKS[k])).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[row : row + 1], single(ids[row : row + 1]), rtol=1e-4, atol=1e-5)
+            peft_logits = theirs(input_ids=ids[row : row + 1]).logits[:, 3:]
+        torch.testing.assert_close(mixed[row : row + 1], peft_logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="several tasks"):
+        routed(ids, task_ids=torch.tensor([[0] * 4 + [1] * 3] * 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning three tasks from one mixture
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixture_model(tmp_path_factory):
+    """One model trained in full on the three-task mixture (hand-packed rows with task ids)."""
+    rng = random.Random(0)
+    sets = held_out(100, instructed=True)
+    seen = {tuple(p) for s in sets.values() for p, _ in s}
+    examples = [example(rng, k) for k, n in enumerate(SIZES) for _ in range(n)]
+    rng.shuffle(examples)
+    rows = pack_tasks([e for e in examples if tuple(e[1]) not in seen])
+    eval_rows = pack_tasks([example(rng, k) for k in (0, 1, 2) * 30])
+    out = tmp_path_factory.mktemp("mixture")
+    model = tiny_llama(0)
+    config = run_config(str(out), 220, 3e-3, {"sort": 2.0})  # sort is the harder task: weighted up
+    result = train_loop(
+        model,
+        config,
+        RowBatches(rows, 16, seed=0),
+        task_weights=task_weight_vector(TASKS, config.multitask.loss_weights),
+        evaluator=evaluator(sets, eval_rows),
+        quiet=True,
+    )
+    return model, result, out
+
+
+BARS = {"reverse": 0.8, "sort": 0.8, "copy": 0.9}
+
+
+def test_one_model_trained_on_the_mixture_passes_each_tasks_bar(mixture_model) -> None:
+    model, result, out = mixture_model
+    metrics = result.eval
+    print({k: round(v, 3) for k, v in metrics.items()})
+    for task, bar in BARS.items():
+        assert metrics[f"eval/{task}/exact_match"] >= bar, (task, metrics)
+        assert metrics[f"eval/{task}/accuracy"] >= 0.9
+        assert metrics[f"eval/{task}/loss"] < 0.5
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(f"eval/{t}/exact_match" in r for r in logged for t in TASKS)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
+    assert {f"eval/{t}/{m}" for t in TASKS for m in ("loss", "accuracy", "exact_match")} <= set(tags)
+
+
+def test_routed_lora_learns_all_three_tasks_from_identical_prompts(mixture_model, tmp_path) -> None:
+    base, _, _ = mixture_model
+    plain = held_out(200, instructed=False)
+    seen = {tuple(p) for s in plain.values() for p, _ in s}
+    before = evaluator(plain)(base)
+    # without the instruction token the base cannot tell the tasks apart: at most one task right
+    assert sum(before[f"eval/{t}/exact_match"] >= 0.5 for t in TASKS) <= 1, before
+    rng = random.Random(1)
+    examples = [example(rng, k, instructed=False) for k, n in enumerate(SIZES) for _ in range(n)]
+    rng.shuffle(examples)
+    rows = pack_tasks([e for e in examples if tuple(e[1]) not in seen])
+    model = fp.apply_peft(copy.deepcopy(base), fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "shared")
+    torch.manual_seed(1)
+    routed = apply_routed(model, TASKS, fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    result = train_loop(
+        routed, run_config(str(tmp_path), 150, 1e-2), RowBatches(rows, 16, seed=1), evaluator=evaluator(plain), quiet=True
+    )
+    print({k: round(v, 3) for k, v in before.items()}, "->", {k: round(v, 3) for k, v in result.eval.items()})
+    for task in TASKS:
+        assert result.eval[f"eval/{task}/exact_match"] >= 0.8, (task, result.eval)
