@@ -220,7 +220,9 @@ class RoutedPrompts(nn.Module):
         self.tasks = list(tasks)
         self.num_virtual_tokens = num_virtual_tokens
         # N(0, 1), PEFT's nn.Embedding default (prompt.py's "random" init)
-        self.embeddings = nn.Parameter(torch.randn(len(tasks), num_virtual_tokens, hidden_size, device=device))
+        self.embeddings = nn.Parameter(
+            torch.randn(len(tasks), num_virtual_tokens, hidden_size, device=device)
+        )
 
     def prefix_kv(self, model: nn.Module, rows: torch.Tensor) -> PrefixKV:
         """Every layer's keys/values for each row's task prompt: (B, KV, P, D) twice per layer.
@@ -346,7 +348,9 @@ def apply_routed(model: nn.Module, tasks: Sequence[str], config: RoutedMethod) -
             tasks, config.num_virtual_tokens, model.config.hidden_size, device=ref.device
         )
     else:
-        raise ConfigError(f"multitask: routed adapters are LoRA or prompt tuning, not {type(config).__name__}")
+        raise ConfigError(
+            f"multitask: routed adapters are LoRA or prompt tuning, not {type(config).__name__}"
+        )
     return routed
 
 
@@ -396,7 +400,9 @@ def save_routed(
     if shared_config is not None:
         formats.write_adapter(
             str(out / SHARED_NAME),
-            formats.to_peft_config(shared_config, model_config, base_model_name_or_path=base_model_name_or_path),
+            formats.to_peft_config(
+                shared_config, model_config, base_model_name_or_path=base_model_name_or_path
+            ),
             shared_adapter_tensors(routed),
         )
     task_json = formats.to_peft_config(
@@ -427,7 +433,9 @@ def load_routed(model: nn.Module, directory: str | os.PathLike[str]) -> RoutedMo
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise FormatError(f"{manifest_path}: cannot read routing manifest: {err}", str(manifest_path)) from None
+        raise FormatError(
+            f"{manifest_path}: cannot read routing manifest: {err}", str(manifest_path)
+        ) from None
     if manifest.get("format") != ROUTING_FORMAT:
         raise FormatError(f"{manifest_path}: format is not {ROUTING_FORMAT!r}", str(manifest_path), "format")
     tasks = manifest.get("tasks")
@@ -438,7 +446,9 @@ def load_routed(model: nn.Module, directory: str | os.PathLike[str]) -> RoutedMo
     raw, _, config_path = formats.read_adapter(str(folder / "tasks" / tasks[0]))
     config = formats.from_peft_config(raw, config_path, getattr(model, "config", None))
     if not isinstance(config, (LoraConfig, PromptConfig)):
-        raise FormatError(f"{config_path}: task adapters must be LoRA or prompt tuning", config_path, "peft_type")
+        raise FormatError(
+            f"{config_path}: task adapters must be LoRA or prompt tuning", config_path, "peft_type"
+        )
     routed = apply_routed(model, tasks, config)
     for task in tasks:
         _, tensors, path = formats.read_adapter(str(folder / "tasks" / task))

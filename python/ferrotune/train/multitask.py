@@ -176,7 +176,11 @@ def exact_match_by_task(
             if is_routed(model):
                 routed.route(torch.full((len(chunk),), tasks.index(task), dtype=torch.long))
             outputs = generate(
-                routed, [p for p, _ in chunk], max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, pad_id=pad_id
+                routed,
+                [p for p, _ in chunk],
+                max_new_tokens=max_new_tokens,
+                stop_tokens=stop_tokens,
+                pad_id=pad_id,
             )
             hits += sum(equal(o, want) for o, (_, want) in zip(outputs, chunk, strict=True))
         out[f"eval/{task}/exact_match"] = hits / len(examples)
@@ -222,14 +226,25 @@ class TaskEvaluator:
     ):
         self.tasks, self.eval_batches, self.sets = list(tasks), eval_batches, dict(exact_match_sets or {})
         self.device, self.precision, self.limit, self.env = device, precision, limit, env
-        self.stop_tokens, self.pad_id, self.max_new_tokens, self.equal = stop_tokens, pad_id, max_new_tokens, equal
+        self.stop_tokens, self.pad_id, self.max_new_tokens, self.equal = (
+            stop_tokens,
+            pad_id,
+            max_new_tokens,
+            equal,
+        )
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.eval_batches is not None:
             out.update(
                 evaluate_tasks(
-                    model, self.eval_batches.epoch(0), self.tasks, self.device, self.precision, self.limit, self.env
+                    model,
+                    self.eval_batches.epoch(0),
+                    self.tasks,
+                    self.device,
+                    self.precision,
+                    self.limit,
+                    self.env,
                 )
             )
         if self.sets and (self.env is None or self.env.is_main):
@@ -273,7 +288,9 @@ def read_exact_match_set(path: str | Path, tokenizer: Any, limit: int = 0) -> li
         if "prompt_ids" in record:
             prompt, completion = record["prompt_ids"], record.get("completion_ids")
             if not (isinstance(prompt, list) and isinstance(completion, list)):
-                raise FormatError(f"{where}: prompt_ids and completion_ids must be lists", str(file), "completion_ids")
+                raise FormatError(
+                    f"{where}: prompt_ids and completion_ids must be lists", str(file), "completion_ids"
+                )
             examples.append(([int(t) for t in prompt], [int(t) for t in completion]))
         elif isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
             encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
@@ -286,18 +303,22 @@ def read_exact_match_set(path: str | Path, tokenizer: Any, limit: int = 0) -> li
 
 
 def task_names_from_rows(rows: Any) -> list[str]:
-    """Task names in index order from a prepared mixture's metadata (`PackedDataset.manifest`,
-    also through a `Subset`), or [] when the data names none."""
+    """Task names in index order from a prepared mixture (`PackedDataset.task_names`, from its
+    manifest; also through a `Subset`), or [] when the data names none."""
     dataset = getattr(rows, "dataset", rows)
+    names = getattr(dataset, "task_names", None)
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
     manifest = getattr(dataset, "manifest", None)
-    if not isinstance(manifest, dict):
-        return []
-    for holder in (manifest, manifest.get("mixture") or {}):
-        if isinstance(holder, dict):
-            tasks = holder.get("tasks")
-            if isinstance(tasks, list) and tasks:
-                return [t if isinstance(t, str) else str(t.get("name")) for t in tasks]
+    if isinstance(manifest, dict) and isinstance(manifest.get("task_names"), list):
+        return [str(n) for n in manifest["task_names"]]
     return []
+
+
+def multitask_enabled(config: Any) -> bool:
+    """Whether the run config asks for anything of this module."""
+    section = config.multitask
+    return bool(section.routed or section.loss_weights or section.tasks or section.exact_match)
 
 
 def resolve_tasks(config: Any, rows: Any) -> list[str]:
@@ -323,12 +344,16 @@ def routed_task_config(config: Any) -> Any:
         cfg = config_from_dict("lora", options, where="multitask.task_options")
         assert isinstance(cfg, LoraConfig)
         return cfg
-    cfg = config_from_dict("prompt", {"init": "random", **section.task_options}, where="multitask.task_options")
+    cfg = config_from_dict(
+        "prompt", {"init": "random", **section.task_options}, where="multitask.task_options"
+    )
     assert isinstance(cfg, PromptConfig)
     return cfg
 
 
-def apply_multitask_peft(model: nn.Module, config: Any, tasks: Sequence[str], *, quiet: bool = False) -> nn.Module:
+def apply_multitask_peft(
+    model: nn.Module, config: Any, tasks: Sequence[str], *, quiet: bool = False
+) -> nn.Module:
     """`[peft]` as the shared adapter (named "shared") and, with `multitask.routed`, one adapter
     per task; returns the model to train."""
     import sys
@@ -338,12 +363,56 @@ def apply_multitask_peft(model: nn.Module, config: Any, tasks: Sequence[str], *,
 
     if config.peft.method:
         if config.multitask.routed and config.peft.method not in ("lora", "rslora"):
-            raise ConfigError(f"peft.method: the shared adapter of a routed run is LoRA, not {config.peft.method!r}")
+            raise ConfigError(
+                f"peft.method: the shared adapter of a routed run is LoRA, not {config.peft.method!r}"
+            )
         model = apply_peft(model, config_from_dict(config.peft.method, config.peft.options), SHARED_NAME)
     if config.multitask.routed:
         model = apply_routed(model, tasks, routed_task_config(config))
     if not quiet and (config.peft.method or config.multitask.routed):
-        kind = f"routed {config.multitask.task_method} x {len(tasks)} tasks" if config.multitask.routed else ""
+        kind = (
+            f"routed {config.multitask.task_method} x {len(tasks)} tasks" if config.multitask.routed else ""
+        )
         shared = f"shared {config.peft.method}" if config.peft.method else ""
-        print(f"peft {' + '.join(p for p in (shared, kind) if p)}: {trainable_parameters(model)}", file=sys.stderr)
+        print(
+            f"peft {' + '.join(p for p in (shared, kind) if p)}: {trainable_parameters(model)}",
+            file=sys.stderr,
+        )
     return model
+
+
+def build_evaluator(
+    config: Any,
+    tasks: Sequence[str],
+    eval_batches: Any,
+    tokenizer: Any,
+    stop_tokens: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+    precision: str,
+    env: Any = None,
+) -> TaskEvaluator:
+    """The run's per-task evaluator: eval rows by task, and exact match on `multitask.exact_match`
+    sets (text completions compared after decoding, surrounding whitespace ignored)."""
+    section = config.multitask
+    sets = {
+        task: read_exact_match_set(path, tokenizer, section.exact_match_limit)
+        for task, path in section.exact_match.items()
+    }
+
+    def same_text(out: list[int], want: list[int]) -> bool:
+        return bool(tokenizer.decode(out).strip() == tokenizer.decode(want).strip())
+
+    return TaskEvaluator(
+        tasks,
+        eval_batches,
+        sets,
+        device=device,
+        precision=precision,
+        limit=config.run.eval_batches,
+        env=env,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+        max_new_tokens=section.max_new_tokens,
+        equal=same_text,
+    )
