@@ -241,6 +241,17 @@ def test_routed_lora_equals_the_per_task_loop_and_trains_only_its_tasks_adapter(
     routed(ids, task_ids=torch.ones(2, 8, dtype=torch.long)).sum().backward()
     grads = layer.lora_A.grad.abs().sum(dim=(1, 2))
     assert grads[1] > 0 and grads[0] == 0 and grads[2] == 0
+    # gradient checkpointing recomputes in backward with the routing the forward used
+    mixed = torch.tensor([[0] * 4 + [2] * 4, [1] * 8])
+    routed.zero_grad()
+    routed.train()
+    routed(ids, task_ids=mixed).square().mean().backward()
+    plain = [p.grad.clone() for p in routed.parameters() if p.requires_grad]
+    routed.zero_grad()
+    routed.gradient_checkpointing = True
+    routed(ids, task_ids=mixed).square().mean().backward()
+    for want, p in zip(plain, [p for p in routed.parameters() if p.requires_grad], strict=True):
+        torch.testing.assert_close(p.grad, want)
 
 
 def test_routed_lora_saves_as_peft_adapters_that_load_in_peft_and_back(tmp_path) -> None:

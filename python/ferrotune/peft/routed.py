@@ -224,16 +224,15 @@ class RoutedPrompts(nn.Module):
             torch.randn(len(tasks), num_virtual_tokens, hidden_size, device=device)
         )
 
-    def prefix_kv(self, model: nn.Module, rows: torch.Tensor) -> PrefixKV:
-        """Every layer's keys/values for each row's task prompt: (B, KV, P, D) twice per layer.
-        All n prompts go through `model` in one batch (routed to their own tasks)."""
+    def task_kv(self, model: nn.Module) -> PrefixKV:
+        """Every layer's keys/values of every task's prompt: (n, KV, P, D) twice per layer. All n
+        prompts go through `model` as one batch of n rows, each routed to its own task."""
         n, p = self.embeddings.shape[:2]
         cache = model.make_kv_cache(n, p)
         dtype = cache.keys[0].dtype
-        _route(model, torch.arange(n, device=rows.device))
+        _route(model, torch.arange(n, device=self.embeddings.device))
         model.hidden_states(inputs_embeds=self.embeddings.to(dtype), kv_cache=cache)
-        pick = rows.clamp(min=0)
-        return [(k[:, :, :p][pick], v[:, :, :p][pick]) for k, v in zip(cache.keys, cache.values, strict=True)]
+        return [(k[:, :, :p], v[:, :, :p]) for k, v in zip(cache.keys, cache.values, strict=True)]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -258,6 +257,19 @@ class RoutedModel(nn.Module):
         self.task_config = config
         self.prompts: RoutedPrompts | None = None
         self.task_ids: torch.Tensor | None = None
+        self._prompt_kv: PrefixKV | None = None  # inference only: decoding reuses the prompts' KV
+
+    def train(self, mode: bool = True) -> RoutedModel:
+        self._prompt_kv = None
+        return super().train(mode)
+
+    def _task_prompt_kv(self) -> PrefixKV:
+        assert self.prompts is not None
+        if torch.is_grad_enabled() or self.training:
+            return self.prompts.task_kv(self.base_model)
+        if self._prompt_kv is None:
+            self._prompt_kv = self.prompts.task_kv(self.base_model)
+        return self._prompt_kv
 
     @property
     def config(self) -> Any:
@@ -307,7 +319,8 @@ class RoutedModel(nn.Module):
                 positions = torch.arange(offset, offset + length, device=device).expand(batch, length)
             rows = row_task_ids(self.task_ids)
             kwargs = {**kwargs, "position_ids": positions + p}
-            kwargs["prefix_kv"] = self.prompts.prefix_kv(self.base_model, rows)
+            pick = rows.clamp(min=0)  # (B,): each row gathers its task's prompt
+            kwargs["prefix_kv"] = [(k[pick], v[pick]) for k, v in self._task_prompt_kv()]
         _route(self.base_model, self.task_ids)
         return kwargs
 
