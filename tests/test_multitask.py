@@ -351,7 +351,20 @@ def test_one_model_trained_on_the_mixture_passes_each_tasks_bar(mixture_model) -
     assert {f"eval/{t}/{m}" for t in TASKS for m in ("loss", "accuracy", "exact_match")} <= set(tags)
 
 
-def test_routed_lora_learns_all_three_tasks_from_identical_prompts(mixture_model, tmp_path) -> None:
+ROUTED = {  # per-task adapter, learning rate, steps
+    "lora": (fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"), 1e-2, 150),
+    "prompt": (fp.PromptConfig(num_virtual_tokens=2), 3e-2, 150),
+}
+
+
+@pytest.mark.parametrize("method", list(ROUTED))
+def test_routed_adapters_learn_all_three_tasks_from_identical_prompts(
+    method, mixture_model, tmp_path
+) -> None:
+    """Shared LoRA + one adapter per task over the mixture model, prompts without the
+    instruction token: only the routing tells the tasks apart. Prompt tuning needs one task per
+    row, so its rows are packed task by task."""
+    task_config, lr, steps = ROUTED[method]
     base, _, _ = mixture_model
     plain = held_out(200, instructed=False)
     seen = {tuple(p) for s in plain.values() for p, _ in s}
@@ -360,20 +373,29 @@ def test_routed_lora_learns_all_three_tasks_from_identical_prompts(mixture_model
     assert sum(before[f"eval/{t}/exact_match"] >= 0.5 for t in TASKS) <= 1, before
     rng = random.Random(1)
     examples = [example(rng, k, instructed=False) for k, n in enumerate(SIZES) for _ in range(n)]
-    rng.shuffle(examples)
-    rows = pack_tasks([e for e in examples if tuple(e[1]) not in seen])
+    examples = [e for e in examples if tuple(e[1]) not in seen]
+    if method == "lora":
+        rng.shuffle(examples)
+        rows = pack_tasks(examples)  # rows mix tasks: LoRA routes per token
+    else:
+        rows = [r for k in range(3) for r in pack_tasks([e for e in examples if e[0] == k])]
     model = fp.apply_peft(
         copy.deepcopy(base), fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "shared"
     )
     torch.manual_seed(1)
-    routed = apply_routed(model, TASKS, fp.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    routed = apply_routed(model, TASKS, copy.deepcopy(task_config))
     result = train_loop(
         routed,
-        run_config(str(tmp_path), 150, 1e-2),
+        run_config(str(tmp_path), steps, lr),
         RowBatches(rows, 16, seed=1),
         evaluator=evaluator(plain),
         quiet=True,
     )
-    print({k: round(v, 3) for k, v in before.items()}, "->", {k: round(v, 3) for k, v in result.eval.items()})
+    print(
+        method,
+        {k: round(v, 3) for k, v in before.items()},
+        "->",
+        {k: round(v, 3) for k, v in result.eval.items()},
+    )
     for task in TASKS:
         assert result.eval[f"eval/{task}/exact_match"] >= 0.8, (task, result.eval)
