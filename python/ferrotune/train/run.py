@@ -198,8 +198,10 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     model = build_model(config, device)
     from ferrotune.train import multitask
 
-    tasks = multitask.resolve_tasks(config, train_rows) if multitask.multitask_enabled(config) else []
-    if tasks:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
+    # a mixture's task names: per-task evaluation always, [multitask] for routing and loss weights
+    asked = multitask.multitask_enabled(config)
+    tasks = multitask.resolve_tasks(config, train_rows) if asked else multitask.task_names_from_rows(train_rows)
+    if asked:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
         model = multitask.apply_multitask_peft(model, config, tasks, quiet=quiet)
     elif config.peft.method:  # [peft]: a parameter-efficient method on top (prints its trainable share)
         from ferrotune.peft import apply_peft_section
@@ -225,7 +227,7 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
         )
     task_weights = evaluator = None
     if tasks:
-        if config.multitask.loss_weights:
+        if asked and config.multitask.loss_weights:
             task_weights = multitask.task_weight_vector(tasks, config.multitask.loss_weights)
         if eval_batches is not None or config.multitask.exact_match:
             from ferrotune.models.generate import stop_token_ids
