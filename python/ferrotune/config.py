@@ -39,9 +39,31 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One source (task) of a mixture: `[[data.sources]]` in a run config, `[[sources]]` in a
+    `ferrotune prepare --mix` file. Empty options fall back to the run's own."""
+
+    name: str = ""
+    path: list[str] | str = ""  # JSONL file(s) or glob(s)
+    weight: float = 1.0  # for mixing = "weights" (> 0)
+    epochs: float = 1.0  # passes over the source (2.5: twice plus a random half); scales its size
+    format: Literal["", "auto", "text", "chat", "prompt_completion", "preference"] = ""
+    loss: Literal["", "auto", "all", "assistant", "completion"] = ""
+    text_field: str = ""
+    messages_field: str = ""
+    prompt_field: str = ""
+    completion_field: str = ""
+    chosen_field: str = ""
+    rejected_field: str = ""
+    role_field: str = ""
+    content_field: str = ""
+
+
+@dataclass
 class DataConfig:
     """Training data. `train` / `eval`: a folder from `ferrotune prepare`; a JSONL file, prepared
-    into <run>/prepared/ by the same pipeline; or a `.txt` file (pretraining) packed in memory."""
+    into <run>/prepared/ by the same pipeline; or a `.txt` file (pretraining) packed in memory.
+    Or, instead of `train`, a mixture: `[[data.sources]]` sampled by `mixing` (docs/data.md)."""
 
     train: str = ""
     eval: str = ""
@@ -49,6 +71,12 @@ class DataConfig:
     eval_fraction: float = 0.0  # held out from `train` when `eval` is empty
     shuffle: bool = True
     pipeline: Literal["auto", "memory"] = "auto"  # auto: JSONL through `ferrotune prepare`
+    sources: list[DataSource] = field(default_factory=list)
+    # p_i = w_i / sum w  |  size_i^(1/T) / sum  |  min(size_i, cap) / sum, size_i = epochs_i * n_i
+    mixing: Literal["weights", "temperature", "proportional"] = "weights"
+    temperature: float = 1.0
+    mix_cap: int = 0  # proportional mixing: cap on a source's size (0: none)
+    mix_total: int = 0  # examples drawn in all (0: the rule's default)
 
 
 @dataclass

@@ -13,7 +13,9 @@ the same number of steps and the loss, normalised by the trained tokens of all r
 
 `collate(rows)` stacks rows into the training batch of the data contract: `input_ids`, `labels`,
 `position_ids` as int64 and `document_ids` as int32, each `(B, T)` (preference data carries the
-same four with `chosen_` / `rejected_` prefixes).
+same four with `chosen_` / `rejected_` prefixes). A folder prepared from a mixture adds
+`task_ids` `(T,)` per row (int64 `(B, T)` in the batch): the task index of each token's document,
+-1 on padding; `dataset.task_names[i]` names task i.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def load_manifest(path: str | os.PathLike[str]) -> dict:
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """The packed rows of one rank for one epoch; each item is a dict of `(T,)` int32 views."""
+    """The packed rows of one rank for one epoch; each item is a dict of `(T,)` int32 views (and,
+    for a mixture, `task_ids` `(T,)` int64)."""
 
     def __init__(
         self,
@@ -79,7 +82,11 @@ class PackedDataset(torch.utils.data.Dataset):
         self.path = os.fspath(path)
         self.manifest = load_manifest(self.path)
         self.seq_len: int = self.manifest["seq_len"]
-        self.names = [p + f for p in self.manifest["lanes"] for f in _FIELDS]
+        # A mixture's folder lists its tasks and stores each token's task (older folders: none).
+        self.task_names: list[str] = list(self.manifest.get("task_names", []))
+        fields = (*_FIELDS, "task_ids") if self.task_names else _FIELDS
+        self.names = [p + f for p in self.manifest["lanes"] for f in fields]
+        self._task_names_of_lanes = [n for n in self.names if n.endswith("task_ids")]
         self._shards: list[dict[str, torch.Tensor]] | None = None
         self._open_shards()
         starts = [0]
@@ -145,14 +152,19 @@ class PackedDataset(torch.utils.data.Dataset):
             return self._padding_row()
         shard = bisect.bisect_right(self._starts, row) - 1
         local = row - self._starts[shard]
-        return {name: t[local] for name, t in self._open_shards()[shard].items()}
+        item = {name: t[local] for name, t in self._open_shards()[shard].items()}
+        for name in self._task_names_of_lanes:
+            item[name] = item[name].to(torch.int64)  # (T,): a small copy, the contract's dtype
+        return item
 
     def _padding_row(self) -> dict[str, torch.Tensor]:
-        """A row that trains nothing: ids and positions 0, labels -100, document ids -1."""
-        fill = {"labels": -100, "document_ids": -1}
+        """A row that trains nothing: ids and positions 0, labels -100, document and task ids -1."""
+        fill = {"labels": -100, "document_ids": -1, "task_ids": -1}
         return {
             name: torch.full(
-                (self.seq_len,), next((v for f, v in fill.items() if name.endswith(f)), 0), dtype=torch.int32
+                (self.seq_len,),
+                next((v for f, v in fill.items() if name.endswith(f)), 0),
+                dtype=torch.int64 if name.endswith("task_ids") else torch.int32,
             )
             for name in self.names
         }
@@ -163,7 +175,8 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 def collate(rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stacks rows into a batch: ids, labels, positions as int64 `(B, T)`, document ids int32."""
+    """Stacks rows into a batch: ids, labels, positions (and task ids) as int64 `(B, T)`,
+    document ids int32."""
     if not rows:
         raise ValueError("collate needs at least one row")
     batch = {}

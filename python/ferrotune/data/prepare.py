@@ -2,6 +2,11 @@
 core; this module parses options, shows progress and prints the summary).
 
     ferrotune prepare data/*.jsonl.gz --tokenizer path/to/model --out prepared/ --seq-len 4096
+    ferrotune prepare --mix mix.toml --tokenizer path/to/model --out prepared/   # a mixture
+
+A mixture (`--mix`, see `ferrotune.data.mix`) samples several sources into one folder whose shards
+also carry each token's task (`task_ids`); the summary reports each task's target and realised
+shares of examples and tokens.
 
 Ctrl-C stops the run and removes everything it had written.
 """
@@ -16,11 +21,14 @@ import time
 from typing import Any
 
 from ferrotune import _native
-from ferrotune.errors import Cancelled
+from ferrotune.errors import Cancelled, ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="JSONL files or globs (.jsonl.gz is decompressed)")
+    parser.add_argument("inputs", nargs="*", help="JSONL files or globs (.jsonl.gz is decompressed)")
+    parser.add_argument(
+        "--mix", help="a mixture file (TOML or JSON: sources, weights, mixing rule) instead of inputs"
+    )
     parser.add_argument(
         "--tokenizer", required=True, help="folder with tokenizer.json (+ tokenizer_config.json)"
     )
@@ -81,6 +89,16 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     for f in fields:
         config[f"{f}_field"] = getattr(args, f"{f}_field")
+    mix_file = getattr(args, "mix", None)
+    if mix_file and args.inputs:
+        raise ConfigError("give input files or --mix, not both (a mixture names its files)")
+    if not mix_file and not args.inputs:
+        raise ConfigError("no input files (give JSONL files or globs, or --mix mix.toml)")
+    if mix_file:
+        from ferrotune.data.mix import load_mixture, native_mixture
+
+        config["inputs"] = []
+        config["mixture"] = native_mixture(load_mixture(mix_file))
     return config
 
 
@@ -169,7 +187,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             dropped.append(f"{m[key]:,} {label}")
     if dropped:
         lines.append("  over-long/skipped: " + ", ".join(dropped) + f"; {m['tokens_lost']:,} tokens lost")
-    if len(m["sources"]) > 1:
+    if m.get("mixture"):
+        from ferrotune.data.mix import format_mixture
+
+        lines.extend(format_mixture(m["mixture"]))
+    elif len(m["sources"]) > 1:
         for s in m["sources"]:
             lines.append(f"  {s['path']}: {s['documents']:,} documents, {s['tokens']:,} tokens")
     if summary.get("bad_lines_report") and m["bad_lines"]:
@@ -180,6 +202,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         summary = prepare(config_from_args(args), progress=not args.quiet)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except Cancelled:
         print("cancelled; nothing was written", file=sys.stderr)
         return 130

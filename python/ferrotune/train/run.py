@@ -91,6 +91,49 @@ def split_eval(rows: Sequence, fraction: float, seed: int) -> tuple[Sequence, Se
     return Subset(rows, order[cut:]), Subset(rows, order[:cut])  # memory-mapped rows stay views
 
 
+def _prepare_config(config: Config, tokenizer_dir: Path, out: Path, inputs: list[str]) -> dict[str, Any]:
+    """The native prepare config of a run (its tokenizer, seq_len, seed and the task's loss), with
+    the CLI's defaults for everything else."""
+    from ferrotune.data import prepare as prepare_module
+
+    parser = argparse.ArgumentParser()
+    prepare_module.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "(inputs)",
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(out),
+            "--seq-len",
+            str(config.data.seq_len),
+            "--loss",
+            "all" if config.task == "pretrain" else "assistant",
+            "--seed",
+            str(config.seed),
+            "--overwrite",
+            "--quiet",
+        ]
+    )
+    return {**prepare_module.config_from_args(args), "inputs": inputs}
+
+
+def _prepare_once(out: Path, native: dict[str, Any], fresh: Any) -> None:
+    """Runs prepare into `out` unless `fresh(manifest)` says the folder there is current. Under
+    torchrun rank 0 prepares while the others wait; prepared output is deterministic, so a resumed
+    run reuses it."""
+    from ferrotune.data import load_manifest
+    from ferrotune.data.prepare import format_summary, prepare
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    current = (out / "manifest.json").exists() and fresh(load_manifest(out))
+    if not current and (not distributed or torch.distributed.get_rank() == 0):
+        summary = prepare(native, progress=False)
+        print(format_summary(summary), file=sys.stderr)
+    if distributed:
+        torch.distributed.barrier()
+
+
 def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> Sequence | None:
     """Rows from the shard pipeline: a folder `ferrotune prepare` wrote, or a JSONL file prepared
     now (Rust: chat template, tokenization, loss mask, best-fit packing) into <run>/prepared/<name>.
@@ -102,38 +145,32 @@ def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> 
         return PackedDataset(source, shuffle=False)
     if config.data.pipeline == "memory" or not source.name.endswith((".jsonl", ".jsonl.gz")):
         return None
-    from ferrotune.data.prepare import config_from_args, format_summary, prepare
-
     out = Path(config.run.output_dir) / "prepared" / name
-    # Under torchrun rank 0 prepares while the others wait; prepared output is deterministic, so a
-    # resumed run reuses it.
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not (out / "manifest.json").exists() and (not distributed or torch.distributed.get_rank() == 0):
-        parser = argparse.ArgumentParser()
-        from ferrotune.data import prepare as prepare_module
+    native = _prepare_config(config, tokenizer_dir, out, [str(source)])
+    _prepare_once(out, native, lambda manifest: True)
+    return PackedDataset(out, shuffle=False)
 
-        prepare_module.add_arguments(parser)
-        args = parser.parse_args(
-            [
-                str(source),
-                "--tokenizer",
-                str(tokenizer_dir),
-                "--out",
-                str(out),
-                "--seq-len",
-                str(config.data.seq_len),
-                "--loss",
-                "all" if config.task == "pretrain" else "assistant",
-                "--seed",
-                str(config.seed),
-                "--overwrite",
-                "--quiet",
-            ]
-        )
-        summary = prepare(config_from_args(args), progress=False)
-        print(format_summary(summary), file=sys.stderr)
-    if distributed:
-        torch.distributed.barrier()
+
+def mixture_rows(config: Config, tokenizer_dir: Path) -> Sequence:
+    """The rows of `[[data.sources]]`: the mixture sampled and prepared into <run>/prepared/train
+    (prepared again when the sources or the rule changed). Rows carry `task_ids`."""
+    from ferrotune.data import PackedDataset
+    from ferrotune.data.mix import mixture_of, native_mixture, same_mixture
+
+    if config.data.train:
+        raise ConfigError("data.train and data.sources: give one (a mixture names its own files)")
+    if config.data.pipeline == "memory":
+        raise ConfigError('data.sources: a mixture is prepared by the shard pipeline (pipeline = "auto")')
+    mix = mixture_of(config.data)
+    out = Path(config.run.output_dir) / "prepared" / "train"
+    native = {**_prepare_config(config, tokenizer_dir, out, []), "mixture": native_mixture(mix)}
+    _prepare_once(
+        out,
+        native,
+        lambda m: (
+            m.get("seq_len") == config.data.seq_len and m.get("seed") == config.seed and same_mixture(m, mix)
+        ),
+    )
     return PackedDataset(out, shuffle=False)
 
 
@@ -141,14 +178,16 @@ def training_rows(
     config: Config, tokenizer: Any, tokenizer_dir: Path, in_memory: Any
 ) -> tuple[Sequence, Sequence]:
     """(train rows, eval rows): prepared shards when possible, else `in_memory(path)`."""
-    if not config.data.train:
-        raise ConfigError("data.train: required (a prepared folder, a .jsonl or a .txt file)")
+    if not config.data.train and not config.data.sources:
+        raise ConfigError(
+            "data.train: required (a prepared folder, a .jsonl or a .txt file; or data.sources)"
+        )
 
     def rows(path: str, name: str) -> Sequence:
         found = prepared_rows(path, config, tokenizer_dir, name)
         return found if found is not None else in_memory(path)
 
-    train = rows(config.data.train, "train")
+    train = mixture_rows(config, tokenizer_dir) if config.data.sources else rows(config.data.train, "train")
     if config.data.eval:
         return train, rows(config.data.eval, "eval")
     return split_eval(train, config.data.eval_fraction, config.seed)

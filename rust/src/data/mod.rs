@@ -4,12 +4,14 @@
 //! jsonl (read, batch) ─> mask (template + tokenizer, every core) ─> pack (BFD) ─> shard (safetensors)
 //! ```
 //!
+//! [`mix`] samples several sources into one folder with per-token task ids.
 //! [`prepare::prepare`] runs the whole pipeline with bounded memory; the shard layout is documented
 //! in [`shard`] and in `docs/data.md`.
 
 pub mod bpe;
 pub mod jsonl;
 pub mod mask;
+pub mod mix;
 pub mod pack;
 pub mod prepare;
 pub mod shard;

@@ -7,6 +7,10 @@
 //! roughly `4 * batch_bytes` of text + the packing window (`window_tokens` * ~6 bytes, plus up to
 //! half a window of units returned from rows left not full) + one shard buffer (`rows_per_shard * seq_len * 16` bytes per lane).
 //!
+//! A mixture (`mixture` set) reads every source's files through the same stages, but spills the
+//! encoded units to disk, draws the mixture's schedule (`mix.rs`) and then replays it into the
+//! packer; the shards then carry `task_ids`.
+//!
 //! Everything is written into a temporary sibling folder that is renamed onto the output only
 //! when complete; on an error or cancellation (Ctrl-C) it is removed, so no half-written output
 //! is ever left. The result is deterministic for a given input, configuration and seed, whatever
@@ -25,6 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use super::jsonl::{expand_inputs, parse_record, BadLine, FieldNames, InputFormat, LineBatches};
 use super::mask::{Doc, Encoder, LossMode};
+use super::mix::{
+    default_total, largest_remainder, schedule, target_shares, MixConfig, MixReport, Mixing, Spill,
+    TaskStats,
+};
 use super::pack::{
     fit_overlong, BfdPacker, GreedyPacker, Overlong, OverlongCounts, Packing, Row, Unit,
 };
@@ -73,6 +81,9 @@ pub struct PrepareConfig {
     pub chat_template: Option<PathBuf>,
     /// Worker threads (0: every core).
     pub threads: usize,
+    /// Several sources sampled into one folder (see `mix.rs`); `inputs` must then be empty and
+    /// the options above are the defaults of every source.
+    pub mixture: Option<MixConfig>,
 }
 
 impl Default for PrepareConfig {
@@ -105,6 +116,7 @@ impl Default for PrepareConfig {
             eos_token: None,
             chat_template: None,
             threads: 0,
+            mixture: None,
         }
     }
 }
@@ -185,6 +197,12 @@ pub struct Manifest {
     pub truncated: u64,
     pub dropped: u64,
     pub tokens_lost: u64,
+    /// A mixture's task names, by task index (the values of `task_ids`); absent otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub task_names: Vec<String>,
+    /// A mixture's rule and per-task figures; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixture: Option<MixReport>,
     pub sources: Vec<SourceStats>,
     pub shards: Vec<ShardInfo>,
 }
@@ -223,36 +241,111 @@ pub fn prepare(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
     }
 }
 
-/// Parsed options.
-struct Plan {
+/// How the lines of one task (the whole run, or one source of a mixture) are read and encoded.
+struct TaskPlan {
     format: InputFormat,
     loss: LossMode,
+    fields: FieldNames,
+}
+
+/// Parsed options.
+struct Plan {
     packing: Packing,
     overlong: Overlong,
-    fields: FieldNames,
+    tasks: Vec<TaskPlan>,
+    /// The mixing rule, for a mixture.
+    mixing: Option<Mixing>,
 }
 
 fn plan(cfg: &PrepareConfig) -> Result<Plan> {
     if cfg.seq_len < 2 {
         return Err(Error::InvalidArgument("seq_len must be at least 2".into()));
     }
-    if cfg.inputs.is_empty() {
-        return Err(Error::InvalidArgument("no input files".into()));
-    }
-    let format: InputFormat = cfg.format.parse()?;
     let packing: Packing = cfg.packing.parse()?;
-    if packing == Packing::Greedy && format == InputFormat::Preference {
-        return Err(Error::InvalidArgument(
-            "greedy packing would split preference pairs; use bfd or none".into(),
-        ));
-    }
+    let task = |format: &str, loss: &str, fields: FieldNames| -> Result<TaskPlan> {
+        let format: InputFormat = format.parse()?;
+        if packing == Packing::Greedy && format == InputFormat::Preference {
+            return Err(Error::InvalidArgument(
+                "greedy packing would split preference pairs; use bfd or none".into(),
+            ));
+        }
+        Ok(TaskPlan {
+            format,
+            loss: loss.parse()?,
+            fields,
+        })
+    };
+    let (tasks, mixing) = match &cfg.mixture {
+        None => {
+            if cfg.inputs.is_empty() {
+                return Err(Error::InvalidArgument("no input files".into()));
+            }
+            (vec![task(&cfg.format, &cfg.loss, cfg.fields())?], None)
+        }
+        Some(mix) => {
+            if !cfg.inputs.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "inputs: give the files in the mixture's sources, not both".into(),
+                ));
+            }
+            let mixing = mix.validate()?;
+            let tasks = mix
+                .sources
+                .iter()
+                .map(|s| {
+                    let pick =
+                        |own: &Option<String>, run: &String| own.clone().unwrap_or(run.clone());
+                    let fields = FieldNames {
+                        text: pick(&s.text_field, &cfg.text_field),
+                        messages: pick(&s.messages_field, &cfg.messages_field),
+                        prompt: pick(&s.prompt_field, &cfg.prompt_field),
+                        completion: pick(&s.completion_field, &cfg.completion_field),
+                        chosen: pick(&s.chosen_field, &cfg.chosen_field),
+                        rejected: pick(&s.rejected_field, &cfg.rejected_field),
+                        role: pick(&s.role_field, &cfg.role_field),
+                        content: pick(&s.content_field, &cfg.content_field),
+                    };
+                    let format = pick(&s.format, &cfg.format);
+                    let loss = pick(&s.loss, &cfg.loss);
+                    task(&format, &loss, fields).map_err(|e| match e {
+                        Error::InvalidArgument(m) => {
+                            Error::InvalidArgument(format!("mixture source {:?}: {m}", s.name))
+                        }
+                        other => other,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (tasks, Some(mixing))
+        }
+    };
     Ok(Plan {
-        format,
-        loss: cfg.loss.parse()?,
         packing,
         overlong: cfg.overlong.parse()?,
-        fields: cfg.fields(),
+        tasks,
+        mixing,
     })
+}
+
+/// The input files in reading order, with the task each belongs to (a mixture's files are
+/// grouped by source, so each task's examples are one contiguous run of the stream).
+fn input_files(cfg: &PrepareConfig) -> Result<(Vec<PathBuf>, Vec<usize>)> {
+    let Some(mix) = &cfg.mixture else {
+        let files = expand_inputs(&cfg.inputs)?;
+        let tasks = vec![0; files.len()];
+        return Ok((files, tasks));
+    };
+    let (mut files, mut tasks) = (Vec::new(), Vec::new());
+    for (t, source) in mix.sources.iter().enumerate() {
+        let found = expand_inputs(&source.inputs).map_err(|e| match e {
+            Error::InvalidArgument(m) => {
+                Error::InvalidArgument(format!("mixture source {:?}: {m}", source.name))
+            }
+            other => other,
+        })?;
+        tasks.extend(std::iter::repeat_n(t, found.len()));
+        files.extend(found);
+    }
+    Ok((files, tasks))
 }
 
 /// Removes the temporary output folder unless it was renamed into place.
@@ -266,10 +359,177 @@ impl Drop for TempDir {
     }
 }
 
+/// Where encoded units go: straight to the packer, or (a mixture) into the spill for sampling.
+enum Sink<'a> {
+    Pack(std::sync::mpsc::SyncSender<Vec<Unit>>),
+    Spill(&'a mut Spill),
+}
+
+/// What the reading stage found.
+struct Encoded {
+    stats: Vec<SourceStats>,
+    lanes: Option<usize>,
+    overlong: OverlongCounts,
+}
+
+/// Everything the reading stage needs besides the sink.
+struct Reader<'a> {
+    cfg: &'a PrepareConfig,
+    plan: &'a Plan,
+    files: &'a [PathBuf],
+    file_task: &'a [usize],
+    encoders: &'a [Encoder<'a>],
+    temp: &'a Path,
+    progress: &'a Progress,
+}
+
+impl Reader<'_> {
+    /// Reads every file (reader thread), encodes each batch on every core (order kept), and hands
+    /// the units of the accepted records to `sink`.
+    fn run(&self, mut sink: Sink<'_>) -> Result<Encoded> {
+        let (cfg, plan, files, progress) = (self.cfg, self.plan, self.files, self.progress);
+        let mut stats: Vec<SourceStats> = files
+            .iter()
+            .map(|p| SourceStats {
+                path: p.display().to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let report_path = self.temp.join("bad_lines.jsonl");
+        let mut report = if cfg.skip_bad {
+            Some(std::io::BufWriter::new(
+                fs::File::create(&report_path).map_err(|e| Error::io(&report_path, e))?,
+            ))
+        } else {
+            None
+        };
+        let mut lanes: Option<usize> = None;
+        let mut overlong = OverlongCounts::default();
+        let (line_tx, line_rx) = sync_channel::<Result<Vec<super::jsonl::Line>>>(2);
+        std::thread::scope(|scope| -> Result<()> {
+            let files_for_reader = files.to_vec();
+            let bytes_read = progress.bytes_read.clone();
+            let batch_bytes = cfg.batch_bytes.max(1);
+            scope.spawn(move || {
+                let mut reader = LineBatches::new(files_for_reader, batch_bytes, bytes_read);
+                loop {
+                    let next = reader.next_batch().transpose();
+                    let Some(batch) = next else { break };
+                    let failed = batch.is_err();
+                    if line_tx.send(batch).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let outcome = (|| -> Result<()> {
+                for batch in line_rx.iter() {
+                    if progress.cancel.load(Ordering::Relaxed) {
+                        return Err(Error::Cancelled);
+                    }
+                    let batch = batch?;
+                    let encoded: Vec<std::result::Result<Vec<Doc>, BadLine>> = batch
+                        .par_iter()
+                        .map(|line| {
+                            let task = self.file_task[line.source];
+                            let tp = &plan.tasks[task];
+                            let text = line.text.as_ref().map_err(Clone::clone)?;
+                            let record = parse_record(text, tp.format, &tp.fields)?;
+                            self.encoders[task].encode(&record)
+                        })
+                        .collect();
+                    let mut units = Vec::with_capacity(batch.len());
+                    for (line, result) in batch.iter().zip(encoded) {
+                        let src = &mut stats[line.source];
+                        src.lines += 1;
+                        progress.lines.fetch_add(1, Ordering::Relaxed);
+                        let docs = match result.and_then(|docs| check_lanes(docs, &mut lanes)) {
+                            Ok(docs) => docs,
+                            Err(bad) => {
+                                let path = &files[line.source];
+                                let Some(report) = report.as_mut() else {
+                                    return Err(Error::format(
+                                        path,
+                                        format!("line {}, field {}", line.number, bad.field),
+                                        bad.message,
+                                    ));
+                                };
+                                src.bad_lines += 1;
+                                progress.bad_lines.fetch_add(1, Ordering::Relaxed);
+                                let entry = serde_json::json!({"file": path.display().to_string(),
+                                    "line": line.number, "field": bad.field, "error": bad.message});
+                                writeln!(report, "{entry}")
+                                    .map_err(|e| Error::io(&report_path, e))?;
+                                continue;
+                            }
+                        };
+                        if docs.iter().any(|d| d.len() < 2) {
+                            src.empty += 1;
+                            continue;
+                        }
+                        let trained: u64 = docs.iter().map(|d| d.trained_targets() as u64).sum();
+                        if trained == 0 {
+                            src.no_trained_tokens += 1;
+                            continue;
+                        }
+                        let tokens: u64 = docs.iter().map(|d| d.len() as u64).sum();
+                        src.documents += 1;
+                        src.tokens += tokens;
+                        src.trained_tokens += trained;
+                        progress.documents.fetch_add(1, Ordering::Relaxed);
+                        progress.tokens.fetch_add(tokens, Ordering::Relaxed);
+                        match &mut sink {
+                            Sink::Spill(spill) => spill.push(&Unit {
+                                lanes: docs,
+                                source: self.file_task[line.source] as u32,
+                            })?,
+                            Sink::Pack(_) => {
+                                let unit = Unit {
+                                    lanes: docs,
+                                    source: line.source as u32,
+                                };
+                                if plan.packing == Packing::Greedy {
+                                    units.push(unit);
+                                } else {
+                                    let before = overlong;
+                                    units.extend(fit_overlong(
+                                        unit,
+                                        cfg.seq_len,
+                                        plan.overlong,
+                                        &mut overlong,
+                                    ));
+                                    src.split += overlong.split - before.split;
+                                    src.truncated += overlong.truncated - before.truncated;
+                                    src.dropped += overlong.dropped - before.dropped;
+                                }
+                            }
+                        }
+                    }
+                    if let Sink::Pack(tx) = &sink {
+                        if tx.send(units).is_err() {
+                            break; // the packer failed; its error is reported by the caller
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(line_rx);
+            outcome
+        })?;
+        if let Some(mut r) = report.take() {
+            r.flush().map_err(|e| Error::io(&report_path, e))?;
+        }
+        Ok(Encoded {
+            stats,
+            lanes,
+            overlong,
+        })
+    }
+}
+
 fn run(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
     let started = Instant::now();
     let plan = plan(cfg)?;
-    let files = expand_inputs(&cfg.inputs)?;
+    let (files, file_task) = input_files(cfg)?;
     let mut total_bytes = 0;
     for f in &files {
         total_bytes += fs::metadata(f).map_err(|e| Error::io(f, e))?.len();
@@ -312,161 +572,87 @@ fn run(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
     fs::create_dir(&temp).map_err(|e| Error::io(&temp, e))?;
     let mut guard = TempDir(Some(temp.clone()));
 
-    let encoder = Encoder {
-        tokenizer: &tokenizer,
-        template: template.as_ref(),
-        loss: plan.loss,
-    };
-    let mut stats: Vec<SourceStats> = files
+    let encoders: Vec<Encoder> = plan
+        .tasks
         .iter()
-        .map(|p| SourceStats {
-            path: p.display().to_string(),
-            ..Default::default()
+        .map(|t| Encoder {
+            tokenizer: &tokenizer,
+            template: template.as_ref(),
+            loss: t.loss,
         })
         .collect();
-    let mut report = if cfg.skip_bad {
-        Some(std::io::BufWriter::new(
-            fs::File::create(temp.join("bad_lines.jsonl"))
-                .map_err(|e| Error::io(temp.join("bad_lines.jsonl"), e))?,
-        ))
-    } else {
-        None
+    let reader = Reader {
+        cfg,
+        plan: &plan,
+        files: &files,
+        file_task: &file_task,
+        encoders: &encoders,
+        temp: &temp,
+        progress,
     };
-
     let rows_per_shard = if cfg.rows_per_shard > 0 {
         cfg.rows_per_shard
     } else {
         ((64usize << 20) / (cfg.seq_len * 16)).max(1)
     };
-    let (line_tx, line_rx) = sync_channel::<Result<Vec<super::jsonl::Line>>>(2);
-    let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(2);
-    let mut lanes: Option<usize> = None;
+    let mixture = cfg.mixture.as_ref().zip(plan.mixing);
+    let pack = |units: std::sync::mpsc::Receiver<Vec<Unit>>| {
+        pack_and_write(
+            units,
+            &temp,
+            cfg,
+            plan.packing,
+            pad_id,
+            rows_per_shard,
+            mixture.is_some(),
+            progress,
+        )
+    };
 
-    let packed = std::thread::scope(|scope| -> Result<PackOutcome> {
-        let files_for_reader = files.clone();
-        let bytes_read = progress.bytes_read.clone();
-        let batch_bytes = cfg.batch_bytes.max(1);
-        scope.spawn(move || {
-            let mut reader = LineBatches::new(files_for_reader, batch_bytes, bytes_read);
-            loop {
-                let next = reader.next_batch().transpose();
-                let Some(batch) = next else { break };
-                let failed = batch.is_err();
-                if line_tx.send(batch).is_err() || failed {
-                    break;
-                }
-            }
-        });
-        let packer_dir = temp.clone();
-        let packing = plan.packing;
-        let packer = scope.spawn(move || {
-            pack_and_write(
-                unit_rx,
-                &packer_dir,
-                cfg,
-                packing,
-                pad_id,
-                rows_per_shard,
-                progress,
-            )
-        });
-
-        let mut overlong = OverlongCounts::default();
-        let outcome = (|| -> Result<()> {
-            for batch in line_rx.iter() {
-                if progress.cancel.load(Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
-                }
-                let batch = batch?;
-                let encoded: Vec<std::result::Result<Vec<Doc>, BadLine>> = batch
-                    .par_iter()
-                    .map(|line| {
-                        let text = line.text.as_ref().map_err(Clone::clone)?;
-                        let record = parse_record(text, plan.format, &plan.fields)?;
-                        encoder.encode(&record)
-                    })
-                    .collect();
-                let mut units = Vec::with_capacity(batch.len());
-                for (line, result) in batch.iter().zip(encoded) {
-                    let src = &mut stats[line.source];
-                    src.lines += 1;
-                    progress.lines.fetch_add(1, Ordering::Relaxed);
-                    let docs = match result.and_then(|docs| check_lanes(docs, &mut lanes)) {
-                        Ok(docs) => docs,
-                        Err(bad) => {
-                            let path = &files[line.source];
-                            let Some(report) = report.as_mut() else {
-                                return Err(Error::format(
-                                    path,
-                                    format!("line {}, field {}", line.number, bad.field),
-                                    bad.message,
-                                ));
-                            };
-                            src.bad_lines += 1;
-                            progress.bad_lines.fetch_add(1, Ordering::Relaxed);
-                            let entry = serde_json::json!({"file": path.display().to_string(),
-                                "line": line.number, "field": bad.field, "error": bad.message});
-                            writeln!(report, "{entry}")
-                                .map_err(|e| Error::io(temp.join("bad_lines.jsonl"), e))?;
-                            continue;
-                        }
-                    };
-                    if docs.iter().any(|d| d.len() < 2) {
-                        src.empty += 1;
-                        continue;
-                    }
-                    let trained: u64 = docs.iter().map(|d| d.trained_targets() as u64).sum();
-                    if trained == 0 {
-                        src.no_trained_tokens += 1;
-                        continue;
-                    }
-                    let tokens: u64 = docs.iter().map(|d| d.len() as u64).sum();
-                    src.documents += 1;
-                    src.tokens += tokens;
-                    src.trained_tokens += trained;
-                    progress.documents.fetch_add(1, Ordering::Relaxed);
-                    progress.tokens.fetch_add(tokens, Ordering::Relaxed);
-                    let unit = Unit {
-                        lanes: docs,
-                        source: line.source as u32,
-                    };
-                    if plan.packing == Packing::Greedy {
-                        units.push(unit);
-                    } else {
-                        let before = overlong;
-                        units.extend(fit_overlong(
-                            unit,
-                            cfg.seq_len,
-                            plan.overlong,
-                            &mut overlong,
-                        ));
-                        src.split += overlong.split - before.split;
-                        src.truncated += overlong.truncated - before.truncated;
-                        src.dropped += overlong.dropped - before.dropped;
-                    }
-                }
-                if unit_tx.send(units).is_err() {
-                    break; // the packer failed; its error is reported below
-                }
-            }
-            Ok(())
-        })();
-        drop(unit_tx);
-        drop(line_rx);
-        let packed = packer.join().expect("packer thread panicked")?;
-        outcome?;
-        Ok(PackOutcome { overlong, ..packed })
-    })?;
+    let (encoded, shards, overlong, mix_report) = match mixture {
+        None => {
+            let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(2);
+            std::thread::scope(|scope| -> Result<_> {
+                let packer = scope.spawn(move || pack(unit_rx));
+                let encoded = reader.run(Sink::Pack(unit_tx));
+                let shards = packer.join().expect("packer thread panicked")?;
+                let encoded = encoded?;
+                let overlong = encoded.overlong;
+                Ok((encoded, shards, overlong, None))
+            })?
+        }
+        Some((mix, mixing)) => {
+            let mut spill = Spill::create(&temp.join("spill"))?;
+            let encoded = reader.run(Sink::Spill(&mut spill))?;
+            spill.finish()?;
+            let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(2);
+            std::thread::scope(|scope| -> Result<_> {
+                let packer = scope.spawn(move || pack(unit_rx));
+                let replayed = replay_mixture(
+                    mix,
+                    mixing,
+                    &spill,
+                    &encoded.stats,
+                    &file_task,
+                    cfg,
+                    plan.packing,
+                    plan.overlong,
+                    unit_tx,
+                    progress,
+                );
+                let shards = packer.join().expect("packer thread panicked")?;
+                let (report, overlong) = replayed?;
+                Ok((encoded, shards, overlong, Some(report)))
+            })?
+        }
+    };
+    let _ = fs::remove_dir_all(temp.join("spill"));
 
     if progress.cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
     }
-    if let Some(mut r) = report.take() {
-        r.flush()
-            .map_err(|e| Error::io(temp.join("bad_lines.jsonl"), e))?;
-    }
-    let lanes = lanes.unwrap_or(1);
-    let shards = packed.shards;
+    let stats = encoded.stats;
+    let lanes = encoded.lanes.unwrap_or(1);
     let rows: u64 = shards.iter().map(|s| s.rows).sum();
     let tokens: u64 = shards.iter().map(|s| s.tokens).sum();
     let slots = rows * (cfg.seq_len * lanes) as u64;
@@ -506,10 +692,15 @@ fn run(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
         bad_lines: sum(|s| s.bad_lines),
         empty: sum(|s| s.empty),
         no_trained_tokens: sum(|s| s.no_trained_tokens),
-        split: packed.overlong.split,
-        truncated: packed.overlong.truncated,
-        dropped: packed.overlong.dropped,
-        tokens_lost: packed.overlong.tokens_lost,
+        split: overlong.split,
+        truncated: overlong.truncated,
+        dropped: overlong.dropped,
+        tokens_lost: overlong.tokens_lost,
+        task_names: mix_report
+            .as_ref()
+            .map(|r: &MixReport| r.tasks.iter().map(|t| t.name.clone()).collect())
+            .unwrap_or_default(),
+        mixture: mix_report,
         sources: stats,
         shards,
     };
@@ -539,6 +730,147 @@ fn run(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
     })
 }
 
+/// Draws the mixture's schedule from the spilled units and streams the draws, in order, to the
+/// packer (over-long units fitted here). Returns the per-task report and the over-long counts.
+#[allow(clippy::too_many_arguments)]
+fn replay_mixture(
+    mix: &MixConfig,
+    mixing: Mixing,
+    spill: &Spill,
+    stats: &[SourceStats],
+    file_task: &[usize],
+    cfg: &PrepareConfig,
+    packing: Packing,
+    policy: Overlong,
+    units: std::sync::mpsc::SyncSender<Vec<Unit>>,
+    progress: &Progress,
+) -> Result<(MixReport, OverlongCounts)> {
+    let n_tasks = mix.sources.len();
+    let mut tasks: Vec<TaskStats> = mix
+        .sources
+        .iter()
+        .map(|s| TaskStats {
+            name: s.name.clone(),
+            weight: s.weight,
+            epochs: s.epochs,
+            ..Default::default()
+        })
+        .collect();
+    for (s, &t) in stats.iter().zip(file_task) {
+        let task = &mut tasks[t];
+        task.files.push(s.path.clone());
+        task.examples_available += s.documents;
+        task.tokens_available += s.tokens;
+        task.trained_tokens_available += s.trained_tokens;
+    }
+    for (t, task) in tasks.iter().enumerate() {
+        if task.examples_available == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "mixture source {:?} ({}): no usable examples",
+                task.name,
+                mix.sources[t].inputs.join(", ")
+            )));
+        }
+        if task.examples_available > u32::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "mixture source {:?}: more than 2^32 examples",
+                task.name
+            )));
+        }
+    }
+    let sizes: Vec<f64> = tasks
+        .iter()
+        .map(|t| t.examples_available as f64 * t.epochs)
+        .collect();
+    let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
+    let shares = target_shares(mixing, &sizes, &weights);
+    let total = if mix.mix_total > 0 {
+        mix.mix_total
+    } else {
+        default_total(mixing, &sizes)
+    };
+    let counts = largest_remainder(&shares, total);
+    let available: Vec<u32> = tasks.iter().map(|t| t.examples_available as u32).collect();
+    let mean_len: Vec<f64> = tasks
+        .iter()
+        .map(|t| t.tokens_available as f64 / t.examples_available as f64)
+        .collect();
+    let expected: f64 = shares.iter().zip(&mean_len).map(|(p, l)| p * l).sum();
+    let mut first = vec![0usize; n_tasks]; // each task's first unit in the spill
+    for t in 1..n_tasks {
+        first[t] = first[t - 1] + tasks[t - 1].examples_available as usize;
+    }
+    debug_assert_eq!(
+        first[n_tasks - 1] + available[n_tasks - 1] as usize,
+        spill.len()
+    );
+    for (t, task) in tasks.iter_mut().enumerate() {
+        task.target_share = shares[t];
+        task.target_token_share = shares[t] * mean_len[t] / expected;
+        task.examples_taken = counts[t];
+        task.examples_distinct = counts[t].min(task.examples_available);
+        task.examples_repeated = counts[t] - task.examples_distinct;
+    }
+
+    let plan = schedule(&counts, &available, cfg.seed);
+    let mut overlong = OverlongCounts::default();
+    for chunk in plan.chunks(1024) {
+        if progress.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let mut batch = Vec::with_capacity(chunk.len());
+        for &(t, i) in chunk {
+            let unit = spill.unit(first[t as usize] + i as usize, t);
+            let fitted = if packing == Packing::Greedy {
+                vec![unit]
+            } else {
+                fit_overlong(unit, cfg.seq_len, policy, &mut overlong)
+            };
+            let task = &mut tasks[t as usize];
+            task.examples_packed += u64::from(!fitted.is_empty());
+            for u in &fitted {
+                task.tokens += u.lanes.iter().map(|d| d.len() as u64).sum::<u64>();
+                task.trained_tokens += u
+                    .lanes
+                    .iter()
+                    .map(|d| d.trained_targets() as u64)
+                    .sum::<u64>();
+            }
+            batch.extend(fitted);
+        }
+        if units.send(batch).is_err() {
+            break; // the packer failed; its error is reported by the caller
+        }
+    }
+    drop(units);
+    let share = |part: u64, all: u64| {
+        if all > 0 {
+            part as f64 / all as f64
+        } else {
+            0.0
+        }
+    };
+    let (packed, tokens, trained) = tasks.iter().fold((0, 0, 0), |(a, b, c), t| {
+        (a + t.examples_packed, b + t.tokens, c + t.trained_tokens)
+    });
+    for task in &mut tasks {
+        task.example_share = share(task.examples_packed, packed);
+        task.token_share = share(task.tokens, tokens);
+        task.trained_token_share = share(task.trained_tokens, trained);
+    }
+    let report = MixReport {
+        mixing: mix.mixing.clone(),
+        temperature: matches!(mixing, Mixing::Temperature(_)).then_some(mix.temperature),
+        mix_cap: match mixing {
+            Mixing::Proportional(cap) => cap,
+            _ => None,
+        },
+        total,
+        tasks,
+    };
+    Ok((report, overlong))
+}
+
 /// Every record of a run has the same number of sequences (1, or 2 for preference pairs).
 fn check_lanes(
     docs: Vec<Doc>,
@@ -557,12 +889,8 @@ fn check_lanes(
     }
 }
 
-struct PackOutcome {
-    shards: Vec<ShardInfo>,
-    overlong: OverlongCounts,
-}
-
-/// The packer thread: units in, shards out.
+/// The packer thread: units in, shards out (`task_ids`: write each unit's source as its task).
+#[allow(clippy::too_many_arguments)]
 fn pack_and_write(
     units: std::sync::mpsc::Receiver<Vec<Unit>>,
     dir: &Path,
@@ -570,8 +898,9 @@ fn pack_and_write(
     packing: Packing,
     pad_id: u32,
     rows_per_shard: usize,
+    task_ids: bool,
     progress: &Progress,
-) -> Result<PackOutcome> {
+) -> Result<Vec<ShardInfo>> {
     let mut bfd = BfdPacker::new(
         cfg.seq_len,
         cfg.window_tokens,
@@ -584,7 +913,12 @@ fn pack_and_write(
         for row in rows {
             let w = writer.get_or_insert_with(|| {
                 let lanes = row.units[0].lanes.len();
-                ShardWriter::new(dir, cfg.seq_len, lanes, pad_id, rows_per_shard)
+                let w = ShardWriter::new(dir, cfg.seq_len, lanes, pad_id, rows_per_shard);
+                if task_ids {
+                    w.with_task_ids()
+                } else {
+                    w
+                }
             });
             w.push(&row)?;
             progress.rows.fetch_add(1, Ordering::Relaxed);
@@ -610,16 +944,12 @@ fn pack_and_write(
         Packing::None => Vec::new(),
     };
     write(rows, &mut writer)?;
-    let shards = match writer {
+    Ok(match writer {
         Some(mut w) => {
             w.flush()?;
             w.shards
         }
         None => Vec::new(),
-    };
-    Ok(PackOutcome {
-        shards,
-        overlong: OverlongCounts::default(),
     })
 }
 

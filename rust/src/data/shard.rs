@@ -12,6 +12,9 @@
 //! | `position_ids`   | 0, 1, 2, ... restarting at each document                          | 0       |
 //! | `document_ids`   | index of the document within the row (0, 1, ...)                  | -1      |
 //!
+//! A mixture (see `mix.rs`) adds a fifth tensor per lane, `task_ids` `I32 (R, T)`: the task
+//! (source) index of each token's document, -1 on padding; the manifest's `task_names` name them.
+//!
 //! `__metadata__` carries `format = "ferrotune.packed"` and `format_version`. The folder's
 //! `manifest.json` (see `prepare.rs`) lists the shards with their row and token counts.
 
@@ -60,6 +63,8 @@ pub struct ShardWriter {
     rows_per_shard: usize,
     /// Per lane: ids, labels, positions, document ids, each rows * seq_len long.
     buffers: Vec<[Vec<i32>; 4]>,
+    /// Per lane: the task of each token (mixtures only: `Unit::source` is then the task index).
+    task_buffers: Option<Vec<Vec<i32>>>,
     rows: usize,
     tokens: u64,
     trained: u64,
@@ -82,12 +87,19 @@ impl ShardWriter {
             pad_id: pad_id as i32,
             rows_per_shard: rows_per_shard.max(1),
             buffers: (0..lanes).map(|_| Default::default()).collect(),
+            task_buffers: None,
             rows: 0,
             tokens: 0,
             trained: 0,
             documents: 0,
             shards: Vec::new(),
         }
+    }
+
+    /// Also writes `task_ids`, taking each unit's `source` as its task index.
+    pub fn with_task_ids(mut self) -> Self {
+        self.task_buffers = Some(vec![Vec::new(); self.lanes]);
+        self
     }
 
     /// Appends one row (its units must have `lanes` lanes and fit `seq_len`).
@@ -100,6 +112,9 @@ impl ShardWriter {
             labels.resize(base + t, IGNORE);
             pos.resize(base + t, 0);
             docs.resize(base + t, -1);
+            if let Some(tasks) = self.task_buffers.as_mut() {
+                tasks[lane].resize(base + t, -1);
+            }
             let mut at = base;
             for (k, unit) in row.units.iter().enumerate() {
                 let doc = &unit.lanes[lane];
@@ -113,6 +128,9 @@ impl ShardWriter {
                     *p = i as i32;
                 }
                 docs[at..at + n].fill(k as i32);
+                if let Some(tasks) = self.task_buffers.as_mut() {
+                    tasks[lane][at..at + n].fill(unit.source as i32);
+                }
                 self.tokens += n as u64;
                 self.trained += doc.trained_targets() as u64;
                 at += n;
@@ -142,6 +160,12 @@ impl ShardWriter {
                     i32_bytes(buf),
                 ));
             }
+            if let Some(tasks) = &self.task_buffers {
+                tensors.push((
+                    TensorSpec::new(format!("{prefix}task_ids"), Dtype::I32, shape.clone()),
+                    i32_bytes(&tasks[lane]),
+                ));
+            }
         }
         let mut metadata = BTreeMap::new();
         metadata.insert("format".to_string(), FORMAT_NAME.to_string());
@@ -158,6 +182,9 @@ impl ShardWriter {
             for b in lane.iter_mut() {
                 b.clear();
             }
+        }
+        for b in self.task_buffers.iter_mut().flatten() {
+            b.clear();
         }
         self.rows = 0;
         self.tokens = 0;
