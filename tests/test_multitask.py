@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import tomllib
 import warnings
 
 import ferrotune.peft as fp
@@ -46,7 +47,8 @@ warnings.filterwarnings("ignore", module="peft")
 PAD, SEP, EOS = 0, 1, 2
 WORDS = list(range(3, 19))
 REV, SORT, COPY = 19, 20, 21
-VOCAB = 22
+UNK = 22  # the tokenizer's unknown token (never in the data)
+VOCAB = 23
 ROW = 64
 TASKS = ["reverse", "sort", "copy"]
 INSTRUCTIONS = [REV, SORT, COPY]
@@ -308,19 +310,100 @@ def test_routed_prompts_route_each_row_to_its_tasks_prompt_and_load_in_peft(tmp_
 # ----------------------------------------------------------------------------------------------
 
 
+LETTERS = "abcdefghijklmnop"  # the 16 words as text: token id 3 + index
+NAMES = ["REV", "SORT", "COPY"]
+
+
+def make_tokenizer(folder) -> None:  # type: ignore[no-untyped-def]
+    """A word-level tokenizer whose ids are the test's token ids (EOS "</s>" = 2, SEP "=" = 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": PAD, "=": SEP, "</s>": EOS, **{c: 3 + i for i, c in enumerate(LETTERS)}}
+    vocab.update({name: token for name, token in zip(NAMES, INSTRUCTIONS, strict=True)}, **{"<unk>": UNK})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": "<pad>"}))
+
+
+def as_text(ids: list[int]) -> str:
+    return " ".join(
+        {PAD: "<pad>", SEP: "=", EOS: "</s>", **dict(zip(INSTRUCTIONS, NAMES, strict=True))}.get(t)
+        or LETTERS[t - 3]
+        for t in ids
+    )
+
+
+MIX_WEIGHTS = {"reverse": 3.0, "sort": 2.0, "copy": 1.0}
+MIX_TOTAL = 4800  # reverse 2400 of 3000 available, sort 1600 of 1500 (repeats), copy 800 of 600
+
+
 @pytest.fixture(scope="module")
-def mixture_model(tmp_path_factory):
-    """One model trained in full on the three-task mixture (hand-packed rows with task ids)."""
+def mixture(tmp_path_factory):
+    """The three sources (unequal sizes, held-out prompts removed) sampled by weight through the
+    data pipeline (`[[data.sources]]` -> Rust prepare -> shards with task_ids)."""
+    from ferrotune.config import DataConfig, DataSource
+    from ferrotune.train.run import mixture_rows
+
+    root = tmp_path_factory.mktemp("mixture")
+    make_tokenizer(root / "tok")
     rng = random.Random(0)
     sets = held_out(100, instructed=True)
     seen = {tuple(p) for s in sets.values() for p, _ in s}
-    examples = [example(rng, k) for k, n in enumerate(SIZES) for _ in range(n)]
-    rng.shuffle(examples)
-    rows = pack_tasks([e for e in examples if tuple(e[1]) not in seen])
+    sources = []
+    for k, (name, size) in enumerate(zip(TASKS, SIZES, strict=True)):
+        with (root / f"{name}.jsonl").open("w") as f:
+            for _ in range(size):
+                _, prompt, ans = example(rng, k)
+                if tuple(prompt) not in seen:
+                    f.write(
+                        json.dumps({"prompt": as_text(prompt), "completion": " " + as_text(ans[:-1])}) + "\n"
+                    )
+        sources.append(
+            DataSource(
+                name=name, path=str(root / f"{name}.jsonl"), weight=MIX_WEIGHTS[name], loss="completion"
+            )
+        )
+    config = Config(
+        task="sft",
+        data=DataConfig(sources=sources, mixing="weights", mix_total=MIX_TOTAL, seq_len=ROW),
+        run=RunConfig(output_dir=str(root / "run")),
+    )
+    rows = mixture_rows(config, root / "tok")
+    return rows, sets, root
+
+
+def test_mixture_through_the_pipeline_has_its_target_shares(mixture) -> None:
+    rows, _, _ = mixture
+    assert rows.task_names == TASKS
+    report = rows.manifest["mixture"]["tasks"]
+    total = sum(MIX_WEIGHTS.values())
+    documents = dict.fromkeys(range(3), 0)  # counted from the shards' task ids, row by row
+    for i in range(len(rows)):
+        row = rows[i]
+        ids, docs = row["task_ids"], row["document_ids"]
+        for d in docs[docs >= 0].unique().tolist():
+            tasks = ids[docs == d].unique().tolist()
+            assert len(tasks) == 1  # a document has one task
+            documents[tasks[0]] += 1
+    for k, entry in enumerate(report):
+        target = MIX_WEIGHTS[TASKS[k]] / total
+        realised = documents[k] / sum(documents.values())
+        print(f"{TASKS[k]}: target {target:.3f}, realised {realised:.3f} ({documents[k]} examples)")
+        assert entry["target_share"] == pytest.approx(target)
+        assert abs(realised - target) <= 0.02
+        assert entry["example_share"] == pytest.approx(realised, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def mixture_model(mixture):
+    """One model trained in full on the pipeline's mixture rows."""
+    rows, sets, root = mixture
+    rng = random.Random(5)
     eval_rows = pack_tasks([example(rng, k) for k in (0, 1, 2) * 30])
-    out = tmp_path_factory.mktemp("mixture")
     model = tiny_llama(0)
-    config = run_config(str(out), 300, 3e-3, {"sort": 2.0})  # sort is the harder task: weighted up
+    config = run_config(str(root / "train"), 300, 3e-3, {"sort": 2.0})  # sort is the harder task
     result = train_loop(
         model,
         config,
@@ -329,7 +412,7 @@ def mixture_model(tmp_path_factory):
         evaluator=evaluator(sets, eval_rows),
         quiet=True,
     )
-    return model, result, out
+    return model, result, root / "train"
 
 
 BARS = {"reverse": 0.8, "sort": 0.8, "copy": 0.8}
@@ -399,3 +482,76 @@ def test_routed_adapters_learn_all_three_tasks_from_identical_prompts(
     )
     for task in TASKS:
         assert result.eval[f"eval/{task}/exact_match"] >= 0.8, (task, result.eval)
+
+
+def test_ferrotune_train_runs_a_routed_mixture_from_the_cli(mixture, tmp_path, capsys) -> None:
+    """`ferrotune train` with [[data.sources]], a shared LoRA and routed per-task LoRA: per-task
+    eval in the summary and the logs, final/shared + final/tasks/<name> loadable back."""
+    from ferrotune.cli import main
+
+    _, sets, root = mixture
+    with (tmp_path / "sort_eval.jsonl").open("w") as f:
+        for prompt, completion in sets["sort"][:20]:
+            f.write(json.dumps({"prompt": as_text(prompt), "completion": as_text(completion)}) + "\n")
+    sources = "\n".join(
+        f'[[data.sources]]\nname = "{t}"\npath = "{root / (t + ".jsonl")}"\nweight = {MIX_WEIGHTS[t]}\nloss = "completion"'
+        for t in TASKS
+    )
+    init = "{ vocab_size = 23, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2 }"
+    (tmp_path / "run.toml").write_text(
+        f"""
+task = "sft"
+[model]
+init = {init}
+tokenizer = "{root / "tok"}"
+[data]
+seq_len = 64
+eval_fraction = 0.1
+mixing = "weights"
+mix_total = 600
+{sources}
+[train]
+steps = 4
+batch_size = 4
+lr = 1e-3
+[run]
+output_dir = "{tmp_path / "run"}"
+log_every = 2
+plot = false
+[peft]
+method = "lora"
+options = {{ r = 4, alpha = 8, target_modules = "all-linear" }}
+[multitask]
+routed = true
+task_options = {{ r = 2, alpha = 4 }}
+loss_weights = {{ sort = 2.0 }}
+exact_match = {{ sort = "{tmp_path / "sort_eval.jsonl"}" }}
+max_new_tokens = 6
+"""
+    )
+    assert main(["train", str(tmp_path / "run.toml")]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    print(captured.err, out)
+    for task in TASKS:
+        assert f"eval task {task} | loss" in out
+    assert "exact_match" in out
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "routing.json").read_text())["tasks"] == TASKS
+    assert json.loads((final / "shared" / "adapter_config.json").read_text())["r"] == 4
+    for task in TASKS:
+        assert json.loads((final / "tasks" / task / "adapter_config.json").read_text())["r"] == 2
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "eval/sort/exact_match" in r][-1]
+    assert {f"eval/{t}/loss" for t in TASKS} <= set(last)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval/sort/exact_match"] == last["eval/sort/exact_match"]
+    # back into ferrotune over the same random base (model.init with seed 0)
+    torch.manual_seed(0)
+    base = CausalLM(LlamaConfig.from_dict(tomllib.loads(f"x = {init}")["x"]))
+    base.init_weights()
+    routed = load_routed(base, final).eval()
+    ids = torch.randint(3, 19, (1, 6))
+    with torch.no_grad():
+        logits = [routed(ids, task_ids=torch.tensor([k])) for k in range(3)]
+    assert (logits[0] - logits[1]).abs().max() > 0  # each task has its own trained adapter
