@@ -294,7 +294,7 @@ class RoutedModel(nn.Module):
         """Sets the routing for the following forwards: (B,) per row or (B, T) per token."""
         if task_ids is not None and not isinstance(task_ids, torch.Tensor):
             task_ids = torch.tensor(list(task_ids), dtype=torch.long)
-        if task_ids is not None and int(task_ids.max()) >= len(self.tasks):
+        if task_ids is not None and not task_ids.is_cuda and int(task_ids.max()) >= len(self.tasks):
             raise ValueError(f"task id {int(task_ids.max())} is out of range for {len(self.tasks)} tasks")
         self.task_ids = task_ids
 

@@ -53,9 +53,11 @@ def is_routed(model: nn.Module) -> bool:
 
 def routing_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The forward keywords that route `batch`: `task_ids` for a routed model, else none."""
-    if "task_ids" in batch and is_routed(model):
-        return {"task_ids": batch["task_ids"]}
-    return {}
+    if not is_routed(model):
+        return {}
+    if "task_ids" not in batch:
+        raise ValueError("a routed model trains on batches with task_ids (a prepared mixture's rows)")
+    return {"task_ids": batch["task_ids"]}
 
 
 def task_weight_vector(tasks: Sequence[str], loss_weights: Mapping[str, float]) -> torch.Tensor:
@@ -247,7 +249,7 @@ class TaskEvaluator:
                     self.env,
                 )
             )
-        if self.sets and (self.env is None or self.env.is_main):
+        if self.sets:  # every rank decodes (a sharded model needs all of them); the results agree
             out.update(
                 exact_match_by_task(
                     model,

@@ -239,7 +239,9 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
 
     # a mixture's task names: per-task evaluation always, [multitask] for routing and loss weights
     asked = multitask.multitask_enabled(config)
-    tasks = multitask.resolve_tasks(config, train_rows) if asked else multitask.task_names_from_rows(train_rows)
+    tasks = (
+        multitask.resolve_tasks(config, train_rows) if asked else multitask.task_names_from_rows(train_rows)
+    )
     if asked:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
         model = multitask.apply_multitask_peft(model, config, tasks, quiet=quiet)
     elif config.peft.method:  # [peft]: a parameter-efficient method on top (prints its trainable share)
