@@ -75,7 +75,7 @@ def batch_task_ids(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """(B, T) int64 task id per token (-1: none)."""
     labels = batch["labels"]
     if "task_ids" not in batch:
-        raise ValueError("multi-task loss weights need batches with task_ids")
+        raise ValueError("per-task loss weights and evaluation need batches with task_ids")
     ids = batch["task_ids"].to(torch.long)
     return ids[:, None].expand_as(labels) if ids.dim() == 1 else ids
 

@@ -270,7 +270,13 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     if tasks:
         if asked and config.multitask.loss_weights:
             task_weights = multitask.task_weight_vector(tasks, config.multitask.loss_weights)
-        if eval_batches is not None or config.multitask.exact_match:
+        by_task = eval_batches if len(eval_rows) and "task_ids" in eval_rows[0] else None
+        if eval_batches is not None and by_task is None and config.multitask.routed:
+            raise ConfigError(
+                "data.eval: a routed run evaluates on rows with task ids; leave data.eval empty "
+                "(data.eval_fraction holds out mixture rows) or give a prepared mixture folder"
+            )
+        if by_task is not None or config.multitask.exact_match:
             from ferrotune.models.generate import stop_token_ids
 
             stops = stop_token_ids(tokenizer_dir, tokenizer, model)
@@ -279,7 +285,7 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
             evaluator = multitask.build_evaluator(
                 config,
                 tasks,
-                eval_batches,
+                by_task,
                 tokenizer,
                 stops,
                 pad,
