@@ -11,7 +11,8 @@ of token t (-1: none, e.g. padding) and onehot_k(t) = [g(t) = k]:
     A_cat = A.reshape(n·r, in),  B_cat = B.permute(1, 0, 2).reshape(out, n·r)
 
 so the whole batch takes two matmuls, whatever mix of tasks it holds (packed rows may hold
-documents of several tasks: routing is per token). The masked middle zeroes every task block but
+documents of several tasks: routing is per token). With one task per row (`task_ids` (B,), as in
+generation) each row gathers its own factors instead and two batched matmuls cost one LoRA. The masked middle zeroes every task block but
 the token's own, so gradients reach only the adapter of the token's task. The cost is that of one
 LoRA of rank n·r, which is right for a handful of tasks; `routed_lora_reference` is the plain
 per-task loop it must equal.
@@ -143,13 +144,29 @@ class RoutedLoraLinear(nn.Module):
         result = self.base_layer(x)
         if self.disabled or self.task_ids is None or not any(self.active.values()):
             return result
-        n, r = len(self.tasks), self.rank
         xa = self.dropout(x.to(self.lora_A.dtype))
+        if self.task_ids.dim() == 1 and x.dim() == 3:
+            return result + self._per_row_delta(xa).to(result.dtype)
+        n, r = len(self.tasks), self.rank
         hidden = xa @ self.lora_A.reshape(n * r, self.in_features).t()  # (B, T, n·r)
         gate = self.task_gate(x.shape[:-1], x.device, hidden.dtype)  # (B, T, n)
         hidden = (hidden.unflatten(-1, (n, r)) * gate[..., None]).flatten(-2)  # (B, T, n·r)
         b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, n * r)  # (out, n·r)
         return result + (self.scaling * (hidden @ b_cat.t())).to(result.dtype)
+
+    def _per_row_delta(self, xa: torch.Tensor) -> torch.Tensor:
+        """One task per row: gather each row's factors and use batched matmuls, whatever n.
+        s · w_g · (x A_gᵀ) B_gᵀ for row task g (rows of task -1 get zero)."""
+        assert self.task_ids is not None
+        ids = self.task_ids.to(device=xa.device, dtype=torch.long)  # (B,)
+        safe = ids.clamp(min=0)
+        weights = torch.tensor(
+            [self.active.get(t, 0.0) for t in self.tasks], device=xa.device, dtype=xa.dtype
+        )
+        row_scale = self.scaling * weights[safe] * (ids >= 0).to(xa.dtype)  # (B,)
+        hidden = torch.bmm(xa, self.lora_A[safe].transpose(1, 2))  # (B, T, r)
+        delta = torch.bmm(hidden, self.lora_B[safe].transpose(1, 2))  # (B, T, out)
+        return delta * row_scale[:, None, None]
 
     # -- protocol
     @property
