@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 import tomllib
 import warnings
 
@@ -529,8 +530,17 @@ exact_match = {{ sort = "{tmp_path / "sort_eval.jsonl"}" }}
 max_new_tokens = 6
 """
     )
-    assert main(["train", str(tmp_path / "run.toml")]) == 0
+    assert main(["train", str(tmp_path / "run.toml"), "run.save_every=2"]) == 0
+    capsys.readouterr()
+    # the routed adapters' checkpoint resumes: the step-2 checkpoint, then the same last 2 steps
+    first = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(tmp_path / "run" / "final")
+    assert main(["train", str(tmp_path / "run.toml"), "run.save_every=2", "run.resume=true"]) == 0
     captured = capsys.readouterr()
+    assert "resumed from" in captured.err
+    again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda records: [(r["step"], round(r["loss"], 5)) for r in records if "loss" in r]  # noqa: E731
+    assert losses(again) == losses(first)
     out = captured.out
     print(captured.err, out)
     for task in TASKS:
