@@ -30,7 +30,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from ferrotune.models import CausalLM, LlamaConfig
 from ferrotune.peft import LoraConfig, apply_peft
 from ferrotune.train import dist as fd
@@ -89,6 +88,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--cpu-offload", action="store_true")
+    p.add_argument(
+        "--keep-unsharded", action="store_true", help="no reshard after forward (no re-gather in backward)"
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: smoke test (gloo)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     return p.parse_args()
@@ -156,6 +158,7 @@ def run_case(name: str, args: argparse.Namespace, env: fd.DistEnv) -> dict:
         param_dtype=torch.bfloat16,
         reduce_dtype=torch.float32,
         cpu_offload=args.cpu_offload,
+        reshard_after_forward=not args.keep_unsharded,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda and not args.cpu_offload)
@@ -178,13 +181,11 @@ def run_case(name: str, args: argparse.Namespace, env: fd.DistEnv) -> dict:
         for micro in range(accumulation):
             chunk = local[micro * args.micro_batch : (micro + 1) * args.micro_batch]
             with fd.gradient_sync(model, micro == accumulation - 1), autocast:
-                logits = model(chunk[:, :-1])  # (micro, seq, V)
-                loss = F.cross_entropy(
-                    logits.float().reshape(-1, vocab), chunk[:, 1:].reshape(-1), reduction="sum"
-                )
+                # summed token loss through the fused linear cross-entropy (no logits tensor)
+                loss = model(chunk[:, :-1], labels=chunk[:, 1:])
                 (loss * fd.loss_scale(env) / global_tokens).backward()
             loss_sum += loss.detach()
-            del logits, loss
+            del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
@@ -207,6 +208,7 @@ def run_case(name: str, args: argparse.Namespace, env: fd.DistEnv) -> dict:
         seq=args.seq,
         grad_ckpt=checkpointing,
         cpu_offload=args.cpu_offload,
+        reshard_after_forward=not args.keep_unsharded,
         trainable=sum(p.numel() for p in params),  # a DTensor's numel is the full tensor's
         loss_per_step=[round(x, 5) for x in losses],
         rank_loss_per_step=[round(x, 5) for x in local_losses],

@@ -5,7 +5,8 @@ q,k,v,o,gate,up,down), fused AdamW, same timing (warm-up steps, then the median 
 `torch.cuda.synchronize()` calls) and the same JSON fields, one line per case, so the ratio comes
 from one run. Our differences are the point: the chunked LM-head loss (no full logits), the
 Triton kernels, packed rows with a document mask instead of padding (varlen cases), NF4 through
-ferrotune.quant.
+ferrotune.quant, LoRA as one fused autograd node (`_unfused` cases: the plain composition), and
+block inputs offloaded to host memory (`_offload` cases, and the 131k QLoRA case).
 
     python bench/train_gpu.py lora8b,qlora8b,full1b,lora8b_varlen     # OUT=dir for results.jsonl
 """
@@ -23,6 +24,7 @@ import time
 import torch
 from ferrotune import kernels
 from ferrotune.kernels import linear_cross_entropy
+from ferrotune.kernels.lora import set_fused_lora
 from ferrotune.models.llama import CausalLM, LlamaConfig
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -33,6 +35,22 @@ L1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_a
            num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
            rms_norm_eps=1e-5, tie_word_embeddings=True)  # fmt: skip
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# Experiments: BENCH_SDPA=flash|efficient|cudnn pins SDPA's backend; BENCH_CE_CHUNK=tokens per
+# cross-entropy chunk (default: 1 GiB of logits).
+CE_CHUNK = int(os.environ["BENCH_CE_CHUNK"]) if os.environ.get("BENCH_CE_CHUNK") else None
+
+
+def sdpa_backend():
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    choice = os.environ.get("BENCH_SDPA", "")
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
+    return sdpa_kernel(backends[choice]) if choice else contextlib.nullcontext()
 
 
 def emit(record: dict) -> None:
@@ -120,8 +138,9 @@ def packed_row(lengths: list[int], vocab: int, g: torch.Generator, row: int) -> 
 
 
 def train_case(
-    name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False, compile_blocks=False, checkpointed=None
-):
+    name, shape, mode, bsz, seq, gc_on, steps=5, warm=2, varlen=False, compile_blocks=False, checkpointed=None,
+    fused=True, offload=False,
+):  # fmt: skip
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -129,10 +148,16 @@ def train_case(
     inner = model.model if hasattr(model, "model") and isinstance(model.model, CausalLM) else model
     inner.gradient_checkpointing = gc_on
     inner.model.checkpointed_layers = checkpointed
+    inner.model.activation_offload = offload  # checkpointed blocks keep their inputs in host memory
+    set_fused_lora("auto" if fused else "never")  # "never": LoRA as the plain module composition
     if compile_blocks:
         kernels.set_enabled(False)  # Inductor fuses the plain formulas itself
+        if os.environ.get("BENCH_ACT_BUDGET"):  # the partitioner recomputes until saved activations fit
+            from torch._functorch import config as functorch_config
+
+            functorch_config.activation_memory_budget = float(os.environ["BENCH_ACT_BUDGET"])
         for layer in inner.model.layers:
-            layer.compile()
+            layer.compile(mode=os.environ.get("BENCH_COMPILE_MODE") or None)
     weights_gib = torch.cuda.memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,10 +183,15 @@ def train_case(
             batch = dict(input_ids=ids, labels=labels)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        hidden = inner.hidden_states(
-            batch["input_ids"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids")
-        )
-        loss = linear_cross_entropy(hidden, inner.lm_head.weight, batch["labels"])
+        with sdpa_backend():
+            hidden = inner.hidden_states(
+                batch["input_ids"],
+                position_ids=batch.get("position_ids"),
+                document_ids=batch.get("document_ids"),
+            )
+        kernels.set_enabled(True)  # the loss kernel stays on outside the compiled blocks
+        loss = linear_cross_entropy(hidden, inner.lm_head.weight, batch["labels"], chunk_size=CE_CHUNK)
+        kernels.set_enabled(not compile_blocks)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,11 +205,23 @@ def train_case(
               trainable=ntrain, step_s_median=round(med, 4), step_s_min=round(times[0], 4),
               tokens_per_s=round(bsz * seq / med, 1), useful_tokens_per_s=round(useful / sum(times), 1),
               weights_gib=round(weights_gib, 2), peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed))  # fmt: skip
+              setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed,
+              fused_lora=fused and mode != "full" and not compile_blocks, activation_offload=offload,
+              offloaded_gib_per_step=round(offloaded_gib(inner), 2),
+              sdpa=os.environ.get("BENCH_SDPA", "auto"), ce_chunk=CE_CHUNK))  # fmt: skip
     kernels.set_enabled(True)
+    set_fused_lora("auto")
     del model, opt, params, loss
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def offloaded_gib(model: CausalLM) -> float:
+    """Block inputs moved to host memory per step (0 without offload)."""
+    offloader = model.model._offloader
+    if offloader is None or offloader.stats.passes == 0:
+        return 0.0
+    return offloader.stats.to_host_bytes / 2**30 / offloader.stats.passes
 
 
 CASES = {
@@ -203,7 +245,28 @@ CASES = {
     "lora8b_16k": lambda: train_case("lora8b_16k", L8B, "lora", 1, 16384, True, steps=3, warm=1),
     "lora8b_32k": lambda: train_case("lora8b_32k", L8B, "lora", 1, 32768, True, steps=3, warm=1),
     "lora8b_65k": lambda: train_case("lora8b_65k", L8B, "lora", 1, 65536, True, steps=2, warm=1),
-    "qlora8b_131k": lambda: train_case("qlora8b_131k", L8B, "qlora", 1, 131072, True, steps=2, warm=1),
+    # QLoRA 8B on one 131,072-token sequence: every block checkpointed, block inputs in host memory
+    "qlora8b_131k": lambda: train_case(
+        "qlora8b_131k", L8B, "qlora", 1, 131072, True, steps=2, warm=1, offload=True
+    ),
+    "qlora8b_131k_nooffload": lambda: train_case(
+        "qlora8b_131k_nooffload", L8B, "qlora", 1, 131072, True, steps=2, warm=1
+    ),
+    # activation offload (ferrotune.train.offload) against the same case without it
+    "lora8b_65k_offload": lambda: train_case(
+        "lora8b_65k_offload", L8B, "lora", 1, 65536, True, steps=2, warm=1, offload=True
+    ),
+    "lora8b_offload": lambda: train_case("lora8b_offload", L8B, "lora", 4, 2048, True, offload=True),
+    "qlora8b_offload": lambda: train_case("qlora8b_offload", L8B, "qlora", 4, 2048, True, offload=True),
+    # the fused LoRA node (kernels.lora_linear) is the default; these take the plain composition
+    "lora8b_unfused": lambda: train_case("lora8b_unfused", L8B, "lora", 4, 2048, True, fused=False),
+    "lora8b_sel22_unfused": lambda: train_case(
+        "lora8b_sel22_unfused", L8B, "lora", 4, 2048, True, checkpointed=22, fused=False
+    ),
+    "qlora8b_unfused": lambda: train_case("qlora8b_unfused", L8B, "qlora", 4, 2048, True, fused=False),
+    "lora8b_sel22_fused": lambda: train_case(
+        "lora8b_sel22_fused", L8B, "lora", 4, 2048, True, checkpointed=22
+    ),
 }
 
 if __name__ == "__main__":

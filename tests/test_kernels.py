@@ -111,6 +111,29 @@ def test_linear_cross_entropy_matches_full_logits(chunk, normalizer):
     assert_close_all(fast, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 1e-2)])
+@pytest.mark.parametrize("vocab", [50, 9000])  # one block, and several blocks with a ragged tail
+def test_row_loss_and_grad_kernel_matches_reference(dtype, tol, vocab):
+    from ferrotune.kernels.cross_entropy import _rows_loss_and_grad_fast, _rows_loss_and_grad_reference
+
+    g = torch.Generator().manual_seed(5)
+    rows = 6
+    logits = (8 * torch.randn(rows, vocab, generator=g)).to(DEVICE, dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g).to(DEVICE)
+    labels[2] = -100
+    labels[4] = vocab - 1  # the last column, in the tail block
+    scale = torch.rand(rows, generator=g).to(DEVICE)
+    ref_loss, ref_grad = _rows_loss_and_grad_reference(logits.clone(), labels, scale, want_grad=True)
+    fast_loss, fast_grad = _rows_loss_and_grad_fast(logits.clone(), labels, scale, want_grad=True)
+    torch.testing.assert_close(fast_loss, ref_loss, atol=tol, rtol=tol)
+    torch.testing.assert_close(fast_grad.float(), ref_grad.float(), atol=tol, rtol=tol)
+    assert fast_loss[2] == 0 and not fast_grad[2].any()  # an ignored row: no loss, zero gradient
+    untouched = logits.clone()
+    loss_only, none = _rows_loss_and_grad_fast(untouched, labels, scale, want_grad=False)
+    torch.testing.assert_close(loss_only, ref_loss, atol=tol, rtol=tol)
+    assert none is None and torch.equal(untouched, logits)
+
+
 def test_linear_cross_entropy_frozen_head_gives_no_weight_grad():
     h = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(11, 8)
@@ -147,3 +170,48 @@ def test_swiglu_linear_under_autocast_matches_reference():
         ref = grads_of(swiglu_linear_reference, gate.bfloat16(), up.bfloat16(), w)
     assert fast[1][2].dtype == torch.float32
     assert_close_all(fast, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bf16 is a CUDA feature")
+def test_linear_cross_entropy_under_autocast_keeps_fp32_gradients():
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(37, 64, generator=g).to(DEVICE)  # fp32 hidden states and head, bf16 compute
+    w = (0.1 * torch.randn(300, 64, generator=g)).to(DEVICE)
+    y = torch.randint(0, 300, (37,), generator=g).to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = grads_of(lambda h, w: linear_cross_entropy(h, w, y, chunk_size=16), h, w)
+        ref = grads_of(lambda h, w: linear_cross_entropy_reference(h, w, y), h, w)
+    assert fast[1][0].dtype == fast[1][1].dtype == torch.float32
+    assert_close_all(fast, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_model_fast_paths_match_the_reference_model():
+    """A whole decoder (RMSNorm, RoPE, SwiGLU and the row-wise cross-entropy kernels) against the
+    same weights with every kernel off."""
+    from ferrotune.kernels import set_enabled
+    from ferrotune.models.llama import CausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=61, attention_bias=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = CausalLM(config).to(DEVICE)
+    model.init_weights()
+    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = linear_cross_entropy(model.hidden_states(ids), model.lm_head.weight, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast_loss, fast_grads = loss_and_grads()
+    set_enabled(False)
+    try:
+        ref_loss, ref_grads = loss_and_grads()
+    finally:
+        set_enabled(True)
+    torch.testing.assert_close(fast_loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

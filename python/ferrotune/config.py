@@ -35,7 +35,20 @@ class ModelConfig:
     init: dict[str, Any] = field(default_factory=dict)
     tokenizer: str = ""  # folder or tokenizer.json; default: the model folder
     gradient_checkpointing: bool = False
+    # With checkpointing on: recompute only the first N decoder blocks ("all" or 0: every block).
+    checkpoint_layers: int | Literal["all"] = "all"
     attention: Literal["auto", "sdpa", "flex"] = "auto"
+
+    def __post_init__(self) -> None:
+        layers = self.checkpoint_layers
+        if layers != "all" and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+            raise ConfigError(f'model.checkpoint_layers: an integer >= 0 or "all", got {layers!r}')
+
+    @property
+    def checkpointed_layers(self) -> int | None:
+        """`LlamaModel.checkpointed_layers`: None for every block, else the first N."""
+        layers = self.checkpoint_layers
+        return None if layers == "all" or layers == 0 else int(layers)
 
 
 @dataclass
@@ -103,6 +116,8 @@ class TrainConfig:
     # "fsdp" shards parameters, gradients and optimizer state (FSDP2). batch_size is per GPU.
     strategy: Literal["none", "ddp", "fsdp"] = "none"
     fsdp_cpu_offload: bool = False  # shards, gradients and optimizer state in CPU memory
+    # Checkpointed blocks keep their inputs in pinned host memory (needs model.gradient_checkpointing)
+    activation_offload: bool = False
     fsdp_shard_group_size: int = (
         0  # 0: shard over all ranks; k: shard within groups of k, replicate across (HSDP)
     )

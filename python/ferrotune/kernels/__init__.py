@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ferrotune.kernels._dispatch import set_enabled
 from ferrotune.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from ferrotune.kernels.lora import lora_linear, lora_linear_reference
 from ferrotune.kernels.rmsnorm import rms_norm, rms_norm_reference
 from ferrotune.kernels.rope import apply_rope, apply_rope_reference
 from ferrotune.kernels.swiglu import swiglu, swiglu_linear, swiglu_linear_reference, swiglu_reference
@@ -16,6 +17,8 @@ __all__ = [
     "apply_rope_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "lora_linear",
+    "lora_linear_reference",
     "rms_norm",
     "rms_norm_reference",
     "set_enabled",

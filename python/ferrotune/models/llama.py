@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import torch
@@ -476,6 +477,9 @@ class LlamaModel(nn.Module):
         # With checkpointing on, only the first N blocks recompute (None: all). Memory left over
         # by full checkpointing buys speed: each block not recomputed saves a forward pass.
         self.checkpointed_layers: int | None = None
+        # Checkpointed blocks keep their inputs in host memory (ferrotune.train.offload).
+        self.activation_offload = False
+        self._offloader: Any = None
         # "auto": FlexAttention for packed rows on CUDA, SDPA otherwise; "sdpa"; "flex" (tests).
         self.attention_backend = "auto"
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -512,16 +516,28 @@ class LlamaModel(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
 
         mask = self._attention_mask(x, document_ids, kv_cache, prefix_kv)
+        offloader = self._block_offloader() if self.activation_offload and torch.is_grad_enabled() else None
         for i, layer in enumerate(self.layers):
             prefix = prefix_kv[i] if prefix_kv is not None else None
             recompute = self.checkpointed_layers is None or i < self.checkpointed_layers
             if self.gradient_checkpointing and recompute and self.training and kv_cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, None, prefix, use_reentrant=False)
+                if offloader is not None and prefix is None:
+                    x = offloader.checkpoint(partial(layer, cos=cos, sin=sin, mask=mask), x)
+                else:
+                    x = checkpoint(layer, x, cos, sin, mask, None, prefix, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, prefix)
         if kv_cache is not None:
             kv_cache.length += length
         return self.norm(x)
+
+    def _block_offloader(self) -> Any:
+        from ferrotune.train.offload import BlockOffloader
+
+        if self._offloader is None:
+            self._offloader = BlockOffloader()
+        self._offloader.begin_pass()
+        return self._offloader
 
     def _attention_mask(
         self,
@@ -599,7 +615,13 @@ class CausalLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        labels: torch.Tensor | None = None,  # (B, T) pre-shifted targets, -100 = no loss
+        token_weights: torch.Tensor | None = None,  # (B, T) per-token loss weights (multi-task)
     ) -> torch.Tensor:
+        """Logits (B, T, V); with `labels`, the summed token cross-entropy instead (an fp32
+        scalar: sum over trained positions of -log softmax(logits)[label], each term times its
+        token weight when given), which a plain linear head computes chunk by chunk without
+        materialising the logits (`kernels.linear_cross_entropy`)."""
         hidden = self.hidden_states(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -608,7 +630,25 @@ class CausalLM(nn.Module):
             kv_cache=kv_cache,
             prefix_kv=prefix_kv,
         )
-        return self.lm_head(hidden)  # (B, T, V)
+        if labels is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            return kernels.linear_cross_entropy(
+                hidden, head.weight, labels, normalizer=1.0, token_weights=token_weights
+            )
+        logits = head(hidden)  # a wrapped head (modules_to_save, LoRA on lm_head): full logits
+        if token_weights is not None:
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none"
+            )  # ignore_index -100 gives 0
+            return (losses * token_weights.reshape(-1)).sum()
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferrotune.errors import ConfigError
+from ferrotune.kernels import lora_linear
+from ferrotune.kernels.lora import fused_lora_runs_on
 from ferrotune.peft.common import (
     check_adapter_name,
     find_targets,
@@ -45,6 +47,7 @@ from ferrotune.peft.common import (
     require_mergeable_base,
     wrap_modules_to_save,
 )
+from ferrotune.quant.nf4 import NF4Linear
 
 LORA_INITS = ("default", "gaussian", "pissa")
 
@@ -193,6 +196,8 @@ class LoraLinear(nn.Module):
             return torch.linalg.norm(w, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
+        if (fused := self._fused_forward(x)) is not None:
+            return fused
         base_result = result = self.base_layer(x)
         if self.disabled or self.merged or not self.active:
             return result
@@ -210,6 +215,34 @@ class LoraLinear(nn.Module):
                 delta = self._dora_delta(name, xa, base_result, dropout, scaling)
             result = result + weight * delta.to(out_dtype)
         return result
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One autograd node (`ferrotune.kernels.lora_linear`: fewer saved tensors and launches)
+        where the fast paths serve x (CUDA, kernels enabled; see `kernels.lora.set_fused_lora`)
+        and the layer is one active plain LoRA adapter over an `nn.Linear` or `NF4Linear` base;
+        None means: take the plain path.
+        DoRA, several active adapters and other bases always take the plain path."""
+        if self.disabled or self.merged or len(self.active) != 1 or not fused_lora_runs_on(x):
+            return None
+        ((name, adapter_weight),) = self.active.items()
+        if name not in self.lora_A or name in self.lora_magnitude_vector:
+            return None
+        base, dropout = self.base_layer, self.lora_dropout[name]
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if isinstance(base, NF4Linear):
+            weight: object = base.dequantize
+            same_dtype = x.dtype == a.dtype == b.dtype  # dequantized to x's dtype, as NF4Linear does
+        elif type(base) is nn.Linear:
+            weight = base.weight
+            same_dtype = x.dtype == a.dtype == b.dtype == base.weight.dtype
+        else:
+            return None
+        if not (autocast or same_dtype) or not isinstance(dropout, (nn.Dropout, nn.Identity)):
+            return None
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        scaling = adapter_weight * self.scaling[name]
+        return lora_linear(x, weight, base.bias, a, b, scaling, p)  # type: ignore[arg-type]
 
     def _dora_delta(
         self,

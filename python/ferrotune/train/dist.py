@@ -301,13 +301,22 @@ def wrap_model(
     for block in decoder_blocks(model):
         quantized = [m for m in block.modules() if holds_quantized_storage(m)]
         if quantized:
-            fully_shard(
-                quantized,
-                mesh=mesh,
-                mp_policy=storage,
-                offload_policy=offload,
-                reshard_after_forward=reshard_after_forward,
-            )
+            try:
+                fully_shard(
+                    quantized,
+                    mesh=mesh,
+                    mp_policy=storage,
+                    offload_policy=offload,
+                    reshard_after_forward=reshard_after_forward,
+                )
+            except RuntimeError as error:
+                if "floating point dtype" not in str(error):
+                    raise
+                raise ConfigError(
+                    f"strategy = 'fsdp' with a 4-bit base: this PyTorch ({torch.__version__}) cannot shard "
+                    "uint8 parameters with FSDP2 (pytorch/pytorch#177844, fixed in later releases); "
+                    "upgrade PyTorch, or use strategy = 'ddp' for QLoRA"
+                ) from error
         fully_shard(
             block,
             mesh=mesh,

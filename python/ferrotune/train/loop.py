@@ -37,7 +37,7 @@ from ferrotune.config import Config, TrainConfig, to_dict
 from ferrotune.errors import FormatError
 from ferrotune.io import load_checkpoint, save_safetensors
 from ferrotune.train import dist
-from ferrotune.train.losses import token_cross_entropy_sum, trained_tokens, weighted_token_cross_entropy_sum
+from ferrotune.train.losses import trained_tokens
 from ferrotune.train.multitask import format_task_metrics, routing_inputs, token_weights
 
 Batch = dict[str, torch.Tensor]
@@ -159,17 +159,19 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def batch_loss_sum(model: nn.Module, batch: Batch, task_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed token cross-entropy of one micro-batch already on the model's device; with
-    `task_weights` (n_tasks,) each token's loss is weighted by its task's (ferrotune.train.multitask)."""
-    logits = model(
+    """Summed token cross-entropy of one micro-batch already on the model's device (the model
+    computes it from its hidden states: no (B, T, V) logits tensor). With `task_weights`
+    (n_tasks,) each token's loss is weighted by its task's (ferrotune.train.multitask)."""
+    extra = routing_inputs(model, batch)
+    if task_weights is not None:
+        extra["token_weights"] = token_weights(batch, task_weights)  # (B, T)
+    return model(
         batch["input_ids"],
         position_ids=batch.get("position_ids"),
         document_ids=batch.get("document_ids"),
-        **routing_inputs(model, batch),
-    )  # (B, T, V)
-    if task_weights is None:
-        return token_cross_entropy_sum(logits, batch["labels"])
-    return weighted_token_cross_entropy_sum(logits, batch["labels"], token_weights(batch, task_weights))
+        labels=batch["labels"],
+        **extra,
+    )
 
 
 def real_tokens(batch: Batch) -> int:

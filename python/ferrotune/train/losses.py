@@ -51,15 +51,6 @@ def token_cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor) ->
     ).view(labels.shape)
 
 
-def weighted_token_cross_entropy_sum(
-    logits: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor
-) -> torch.Tensor:
-    """sum_t w_t · CE_t over trained positions; token_weights (B, T) (multi-task loss weights:
-    divided by sum_t w_t over the step's trained tokens it gives the weighted mean, see
-    `ferrotune.train.multitask`)."""
-    return (token_cross_entropy_per_token(logits, labels) * token_weights).sum()
-
-
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor,  # (B, T, hidden) final normed hidden states
     head_weight: torch.Tensor,  # (V, hidden)

@@ -61,6 +61,12 @@ def build_model(config: Config, device: torch.device) -> CausalLM:
     else:
         raise ConfigError("model.path or model.init: one is required")
     model.gradient_checkpointing = config.model.gradient_checkpointing
+    model.model.checkpointed_layers = config.model.checkpointed_layers
+    if config.train.activation_offload and not config.model.gradient_checkpointing:
+        raise ConfigError(
+            "train.activation_offload offloads checkpointed blocks: set model.gradient_checkpointing"
+        )
+    model.model.activation_offload = config.train.activation_offload
     model.model.attention_backend = config.model.attention
     if config.method.name != "full":
         raise ConfigError(f"method.name: {config.method.name!r} is not available here (full)")
