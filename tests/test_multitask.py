@@ -193,6 +193,23 @@ def test_weighted_loss_is_the_weighted_token_mean_over_the_step() -> None:
     torch.testing.assert_close(plain, ones)
 
 
+def test_model_loss_takes_token_weights_on_both_head_paths() -> None:
+    """`model(..., labels=, token_weights=)`: the chunked head and a wrapped head (LoRA on lm_head,
+    full logits) both give Σ_t w_t CE_t."""
+    rng = random.Random(4)
+    batch = (
+        RowBatches(pack_tasks([example(rng, k) for k in (0, 1, 2) * 4]), 2, shuffle=False).epoch(0).__next__()
+    )
+    w = token_weights(batch, torch.tensor([2.0, 0.5, 1.0]))
+    inputs = {"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]}
+    for model in (tiny_llama(), fp.apply_peft(tiny_llama(), fp.LoraConfig(r=2, target_modules=["lm_head"]))):
+        with torch.no_grad():
+            logits = model(batch["input_ids"], **inputs)
+            want = (token_cross_entropy_per_token(logits, batch["labels"]) * w).sum()
+            got = model(batch["input_ids"], **inputs, labels=batch["labels"], token_weights=w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_linear_cross_entropy_takes_token_weights() -> None:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 16, generator=g, requires_grad=True)
