@@ -55,7 +55,12 @@ def save_safetensors(
 
 @final
 class PrepareJob:
-    """One `ferrotune prepare` run; `run()` blocks, `progress()`/`cancel()` work meanwhile."""
+    """One `ferrotune prepare` run; `run()` blocks, `progress()`/`cancel()` work meanwhile.
+
+    `config_json`: the fields of the native `PrepareConfig`; its optional `mixture` (sources with
+    name, inputs, weight, epochs and per-source format/loss/field options; `mixing`, `temperature`,
+    `mix_cap`, `mix_total`, `holdout`, `split`) samples several sources into one folder whose
+    shards carry `task_ids` (see `ferrotune.data.mix`). `run()` returns the summary JSON."""
 
     def __new__(cls, config_json: str) -> PrepareJob: ...
     def run(self) -> str: ...

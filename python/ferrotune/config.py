@@ -90,6 +90,9 @@ class DataConfig:
     temperature: float = 1.0
     mix_cap: int = 0  # proportional mixing: cap on a source's size (0: none)
     mix_total: int = 0  # examples drawn in all (0: the rule's default)
+    mix_unit: Literal["examples", "tokens"] = "examples"  # what sizes, shares and mix_total count
+    # instead of mix_total: stop when the first source is used up (no repeats) or the last one is
+    mix_stop: Literal["", "first_exhausted", "all_exhausted"] = ""
 
 
 @dataclass

@@ -16,6 +16,10 @@ A mix file holds the same keys as the run config's `[data]` mixture keys:
     temperature = 2.0
     mix_cap = 0                # proportional: cap on a source's size (0: none)
     mix_total = 0              # examples drawn in all (0: sum of the (capped) sizes)
+    holdout = 0.0              # per source, kept out of the sampling: a fraction, or a count (>= 1)
+    mix_unit = "examples"      # or "tokens": sizes, shares and mix_total count tokens
+    mix_stop = ""              # instead of mix_total: "first_exhausted" (no source repeats) or
+                               # "all_exhausted" (every example at least once; oversampling)
 
     [[sources]]
     name = "math"
@@ -59,6 +63,9 @@ class Mixture:
     temperature: float = 1.0
     mix_cap: int = 0
     mix_total: int = 0
+    holdout: float = 0.0
+    mix_unit: Literal["examples", "tokens"] = "examples"
+    mix_stop: Literal["", "first_exhausted", "all_exhausted"] = ""
 
 
 def check_mixture(mix: Mixture, where: str) -> None:
@@ -83,6 +90,10 @@ def check_mixture(mix: Mixture, where: str) -> None:
         raise ConfigError(f"{where}temperature: must be > 0, got {mix.temperature}")
     if mix.mix_cap < 0 or mix.mix_total < 0:
         raise ConfigError(f"{where}mix_cap and mix_total: must be >= 0")
+    if mix.mix_stop and mix.mix_total:
+        raise ConfigError(f"{where}mix_stop and mix_total: give one")
+    if not mix.holdout >= 0:
+        raise ConfigError(f"{where}holdout: must be >= 0, got {mix.holdout}")
 
 
 def load_mixture(path: str | Path) -> Mixture:
@@ -108,13 +119,17 @@ def load_mixture(path: str | Path) -> Mixture:
 
 
 def mixture_of(data: Any) -> Mixture:
-    """The mixture of a run config's `[data]` section (`data.sources` and the mixing keys)."""
+    """The mixture of a run config's `[data]` section (`data.sources` and the mixing keys); its
+    `eval_fraction` (without `data.eval`) is held out of every source before sampling."""
     mix = Mixture(
         sources=list(data.sources),
         mixing=data.mixing,
         temperature=data.temperature,
         mix_cap=data.mix_cap,
         mix_total=data.mix_total,
+        holdout=data.eval_fraction if not data.eval else 0.0,
+        mix_unit=data.mix_unit,
+        mix_stop=data.mix_stop,
     )
     check_mixture(mix, "data.")
     return mix
@@ -124,8 +139,9 @@ def paths(source: DataSource) -> list[str]:
     return [source.path] if isinstance(source.path, str) else list(source.path)
 
 
-def native_mixture(mix: Mixture) -> dict[str, Any]:
-    """The `mixture` entry of the native prepare config."""
+def native_mixture(mix: Mixture, split: str = "train") -> dict[str, Any]:
+    """The `mixture` entry of the native prepare config. `split`: "train" samples the examples not
+    held out; "eval" takes the held-out examples of every source once."""
     sources = []
     for s in mix.sources:
         entry: dict[str, Any] = {
@@ -142,23 +158,25 @@ def native_mixture(mix: Mixture) -> dict[str, Any]:
         "temperature": mix.temperature,
         "mix_cap": mix.mix_cap,
         "mix_total": mix.mix_total,
+        "holdout": mix.holdout,
+        "split": split,
+        "mix_unit": mix.mix_unit,
+        "mix_stop": mix.mix_stop,
     }
 
 
-def same_mixture(manifest: dict[str, Any], mix: Mixture) -> bool:
-    """Whether a prepared folder's manifest was made with this mixture's sources and rule."""
+def same_mixture(manifest: dict[str, Any], mix: Mixture, split: str = "train") -> bool:
+    """Whether a prepared folder's manifest was made from this mixture (same sources, options,
+    rule and split)."""
     report = manifest.get("mixture")
     if not report:
         return False
-    tasks = report["tasks"]
-    return (
-        report["mixing"] == mix.mixing
-        and (mix.mixing != "temperature" or report["temperature"] == mix.temperature)
-        and (report["mix_cap"] or 0) == (mix.mix_cap if mix.mixing == "proportional" else 0)
-        and (mix.mix_total == 0 or report["total"] == mix.mix_total)
-        and [(t["name"], t["weight"], t["epochs"]) for t in tasks]
-        == [(s.name, s.weight, s.epochs) for s in mix.sources]
-    )
+
+    def given(config: dict[str, Any]) -> dict[str, Any]:  # options left out and null are alike
+        sources = [{k: v for k, v in s.items() if v is not None} for s in config["sources"]]
+        return {**config, "sources": sources}
+
+    return given(report["config"]) == given(native_mixture(mix, split))
 
 
 def format_mixture(report: dict[str, Any]) -> list[str]:
@@ -168,8 +186,14 @@ def format_mixture(report: dict[str, Any]) -> list[str]:
         rule += f" T={report['temperature']:g}"
     if report.get("mix_cap"):
         rule += f" cap={report['mix_cap']:,}"
+    held = sum(t["examples_held_out"] for t in report["tasks"])
+    if report["split"] == "eval":
+        rule = "held-out examples of each source"
+    elif held:
+        rule += f", {held:,} examples held out for eval"
     lines = [
-        f"  mixture ({rule}), {report['total']:,} examples drawn; shares target -> realised:",
+        f"  mixture ({rule}), {report['total']:,} {'tokens aimed at' if report['unit'] == 'tokens' else 'examples drawn'}; "
+        "shares target -> realised:",
         f"    {'task':<16} {'target':>7} {'examples':>9} {'tok(exp)':>9} {'tokens':>7} {'loss tok':>8}"
         f" {'available':>10} {'taken':>9} {'repeated':>9}",
     ]

@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mix", help="a mixture file (TOML or JSON: sources, weights, mixing rule) instead of inputs"
     )
     parser.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "eval"],
+        help="with --mix and a holdout: the sampled mixture (train) or the held-out examples (eval)",
+    )
+    parser.add_argument(
         "--tokenizer", required=True, help="folder with tokenizer.json (+ tokenizer_config.json)"
     )
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -98,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         from ferrotune.data.mix import load_mixture, native_mixture
 
         config["inputs"] = []
-        config["mixture"] = native_mixture(load_mixture(mix_file))
+        config["mixture"] = native_mixture(load_mixture(mix_file), getattr(args, "split", "train"))
     return config
 
 

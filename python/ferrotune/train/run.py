@@ -153,13 +153,14 @@ def prepared_rows(path: str, config: Config, tokenizer_dir: Path, name: str) -> 
         return None
     out = Path(config.run.output_dir) / "prepared" / name
     native = _prepare_config(config, tokenizer_dir, out, [str(source)])
-    _prepare_once(out, native, lambda manifest: True)
+    _prepare_once(out, native, lambda m: "mixture" not in m and m.get("seq_len") == config.data.seq_len)
     return PackedDataset(out, shuffle=False)
 
 
-def mixture_rows(config: Config, tokenizer_dir: Path) -> Sequence:
+def mixture_rows(config: Config, tokenizer_dir: Path, split: str = "train") -> Sequence:
     """The rows of `[[data.sources]]`: the mixture sampled and prepared into <run>/prepared/train
-    (prepared again when the sources or the rule changed). Rows carry `task_ids`."""
+    (prepared again when the sources or the rule changed); `split="eval"`: the examples held out
+    of every source (`data.eval_fraction`) into <run>/prepared/eval. Rows carry `task_ids`."""
     from ferrotune.data import PackedDataset
     from ferrotune.data.mix import mixture_of, native_mixture, same_mixture
 
@@ -168,13 +169,13 @@ def mixture_rows(config: Config, tokenizer_dir: Path) -> Sequence:
     if config.data.pipeline == "memory":
         raise ConfigError('data.sources: a mixture is prepared by the shard pipeline (pipeline = "auto")')
     mix = mixture_of(config.data)
-    out = Path(config.run.output_dir) / "prepared" / "train"
-    native = {**_prepare_config(config, tokenizer_dir, out, []), "mixture": native_mixture(mix)}
+    out = Path(config.run.output_dir) / "prepared" / split
+    native = {**_prepare_config(config, tokenizer_dir, out, []), "mixture": native_mixture(mix, split)}
     _prepare_once(
         out,
         native,
         lambda m: (
-            m.get("seq_len") == config.data.seq_len and m.get("seed") == config.seed and same_mixture(m, mix)
+            all(m.get(k) == native[k] for k in ("seq_len", "seed", "loss")) and same_mixture(m, mix, split)
         ),
     )
     return PackedDataset(out, shuffle=False)
@@ -183,7 +184,9 @@ def mixture_rows(config: Config, tokenizer_dir: Path) -> Sequence:
 def training_rows(
     config: Config, tokenizer: Any, tokenizer_dir: Path, in_memory: Any
 ) -> tuple[Sequence, Sequence]:
-    """(train rows, eval rows): prepared shards when possible, else `in_memory(path)`."""
+    """(train rows, eval rows): prepared shards when possible, else `in_memory(path)`. A mixture
+    holds `data.eval_fraction` of every source out before sampling, so no example (or repeat of
+    one) is both trained on and evaluated."""
     if not config.data.train and not config.data.sources:
         raise ConfigError(
             "data.train: required (a prepared folder, a .jsonl or a .txt file; or data.sources)"
@@ -193,7 +196,13 @@ def training_rows(
         found = prepared_rows(path, config, tokenizer_dir, name)
         return found if found is not None else in_memory(path)
 
-    train = mixture_rows(config, tokenizer_dir) if config.data.sources else rows(config.data.train, "train")
+    if config.data.sources:
+        train = mixture_rows(config, tokenizer_dir)
+        if config.data.eval:
+            return train, rows(config.data.eval, "eval")
+        held_out = mixture_rows(config, tokenizer_dir, "eval") if config.data.eval_fraction > 0 else []
+        return train, held_out
+    train = rows(config.data.train, "train")
     if config.data.eval:
         return train, rows(config.data.eval, "eval")
     return split_eval(train, config.data.eval_fraction, config.seed)

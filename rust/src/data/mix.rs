@@ -13,7 +13,10 @@
 //!
 //! The total N is `mix_total` when given, else sum_j min(s_j, cap) for proportional mixing (so
 //! without a cap every source is taken exactly e_i times: 2.5 = twice, plus a random half) and
-//! sum_j s_j for the other two rules. The example counts c_i are p_i * N rounded by largest
+//! sum_j s_j for the other two rules; `mix_stop` sets it to min_i s_i / p_i (first_exhausted: no
+//! source drawn beyond its size) or max_i s_i / p_i (all_exhausted). `mix_unit = "tokens"` applies
+//! all of this to token counts and converts the token targets into example counts ([`targets`]).
+//! The example counts c_i are p_i * N rounded by largest
 //! remainder (they sum to N exactly, each within 1 of its target). Source i then contributes
 //! floor(c_i / n_i) full passes over its examples plus a seeded random subset (without
 //! replacement) of c_i mod n_i of them, and all N draws are interleaved by one seeded shuffle.
@@ -31,8 +34,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use std::sync::atomic::Ordering;
+
 use super::mask::Doc;
-use super::pack::{Rng, Unit};
+use super::pack::{fit_overlong, Overlong, OverlongCounts, Packing, Rng, Unit};
+use super::prepare::{PrepareConfig, Progress, SourceStats};
 use crate::error::{Error, Result};
 
 /// The `mixture` section of the prepare config (JSON from the Python side).
@@ -48,6 +54,18 @@ pub struct MixConfig {
     pub mix_cap: u64,
     /// Examples to draw in all (0: the default of the rule, see the module docs).
     pub mix_total: u64,
+    /// Examples of each source kept out of the sampling for evaluation: a fraction (< 1) or a
+    /// count per source (>= 1); the same seed holds out the same examples.
+    pub holdout: f64,
+    /// train: the sampled mixture of the examples not held out; eval: the held-out examples of
+    /// every source, each once (the mixing rule does not apply).
+    pub split: String,
+    /// examples | tokens: what sizes, shares and `mix_total` count.
+    pub mix_unit: String,
+    /// Instead of `mix_total`: first_exhausted (the largest total at which no source is drawn
+    /// beyond its size: no repeats, HF's first_exhausted) or all_exhausted (the smallest at which
+    /// every source is drawn at least its size: oversampling); empty for the default.
+    pub mix_stop: String,
 }
 
 impl Default for MixConfig {
@@ -58,6 +76,10 @@ impl Default for MixConfig {
             temperature: 1.0,
             mix_cap: 0,
             mix_total: 0,
+            holdout: 0.0,
+            split: "train".into(),
+            mix_unit: "examples".into(),
+            mix_stop: String::new(),
         }
     }
 }
@@ -107,6 +129,30 @@ impl Default for MixSource {
     }
 }
 
+/// How many examples (or tokens) a mixture draws in all.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// The rule's default (see the module docs).
+    Default,
+    Total(u64),
+    /// min_i s_i / p_i: the first source is used up exactly, none repeats.
+    FirstExhausted,
+    /// max_i s_i / p_i: the last source is used up exactly, the others repeat.
+    AllExhausted,
+}
+
+impl MixConfig {
+    /// The budget the options ask for (after [`MixConfig::validate`]).
+    pub fn budget(&self) -> Budget {
+        match (self.mix_stop.as_str(), self.mix_total) {
+            ("first_exhausted", _) => Budget::FirstExhausted,
+            ("all_exhausted", _) => Budget::AllExhausted,
+            (_, 0) => Budget::Default,
+            (_, n) => Budget::Total(n),
+        }
+    }
+}
+
 /// The mixing rule.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mixing {
@@ -144,6 +190,45 @@ impl MixConfig {
             if !(s.epochs.is_finite() && s.epochs > 0.0) {
                 return bad(at("epochs"), format!("must be > 0, got {}", s.epochs));
             }
+        }
+        if !(self.holdout.is_finite() && self.holdout >= 0.0) {
+            return bad(
+                "holdout".into(),
+                format!("must be >= 0, got {}", self.holdout),
+            );
+        }
+        match self.split.as_str() {
+            "train" => {}
+            "eval" if self.holdout > 0.0 => {}
+            "eval" => return bad("split".into(), "eval needs holdout > 0".into()),
+            other => {
+                return bad(
+                    "split".into(),
+                    format!("{other:?} is not one of train, eval"),
+                )
+            }
+        }
+        match self.mix_stop.as_str() {
+            "" => {}
+            "first_exhausted" | "all_exhausted" if self.mix_total == 0 => {}
+            "first_exhausted" | "all_exhausted" => {
+                return bad(
+                    "mix_stop".into(),
+                    "give mix_stop or mix_total, not both".into(),
+                )
+            }
+            other => {
+                return bad(
+                    "mix_stop".into(),
+                    format!("{other:?} is not one of first_exhausted, all_exhausted"),
+                )
+            }
+        }
+        if !matches!(self.mix_unit.as_str(), "examples" | "tokens") {
+            return bad(
+                "mix_unit".into(),
+                format!("{:?} is not one of examples, tokens", self.mix_unit),
+            );
         }
         match self.mixing.as_str() {
             "weights" => Ok(Mixing::Weights),
@@ -223,6 +308,113 @@ pub fn largest_remainder(shares: &[f64], total: u64) -> Vec<u64> {
     counts
 }
 
+/// What a mixture draws: per source the share of the examples and of the tokens it targets, and
+/// the example counts (summing to the number drawn).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Targets {
+    pub example_shares: Vec<f64>,
+    pub token_shares: Vec<f64>,
+    pub counts: Vec<u64>,
+    /// The budget in the unit: examples, or tokens.
+    pub total: u64,
+}
+
+/// The targets of a mixture over sources with `examples` usable examples of `tokens` tokens.
+///
+/// `by_tokens == false`: sizes s_i = epochs_i * examples_i, example shares p_i from the rule, N =
+/// `budget` or the rule's default, c_i = largest remainder of p_i * N; the token shares follow as
+/// p_i * L_i / sum_j p_j * L_j with L_i the mean length. `by_tokens == true`: the same rule over
+/// token sizes epochs_i * tokens_i gives token shares q_i and a token budget N_tok; source i then
+/// needs x_i = q_i * N_tok / L_i examples, so p_i = x_i / sum_j x_j and N = round(sum_j x_j).
+pub fn targets(
+    rule: Mixing,
+    by_tokens: bool,
+    examples: &[u64],
+    tokens: &[u64],
+    epochs: &[f64],
+    weights: &[f64],
+    budget: Budget,
+) -> Targets {
+    let mean: Vec<f64> = tokens
+        .iter()
+        .zip(examples)
+        .map(|(&t, &n)| t as f64 / n.max(1) as f64)
+        .collect();
+    let measure = if by_tokens { tokens } else { examples };
+    let sizes: Vec<f64> = measure
+        .iter()
+        .zip(epochs)
+        .map(|(&m, e)| m as f64 * e)
+        .collect();
+    let shares = target_shares(rule, &sizes, weights);
+    // s_i / p_i: the total at which source i is drawn exactly its size (sources with p_i = 0 never are)
+    let reach = sizes
+        .iter()
+        .zip(&shares)
+        .filter(|(_, &p)| p > 0.0)
+        .map(|(s, p)| s / p);
+    let total = match budget {
+        Budget::Default => default_total(rule, &sizes),
+        Budget::Total(n) => n,
+        Budget::FirstExhausted => (reach.fold(f64::INFINITY, f64::min) + 1e-9).floor() as u64,
+        Budget::AllExhausted => (reach.fold(0.0, f64::max) - 1e-9).ceil() as u64,
+    };
+    let normalise = |v: Vec<f64>| {
+        let sum: f64 = v.iter().sum();
+        v.iter().map(|x| x / sum).collect::<Vec<f64>>()
+    };
+    if by_tokens {
+        let needed: Vec<f64> = shares
+            .iter()
+            .zip(&mean)
+            .map(|(q, l)| q * total as f64 / l)
+            .collect();
+        let drawn = needed.iter().sum::<f64>().round() as u64;
+        let example_shares = normalise(needed);
+        let counts = largest_remainder(&example_shares, drawn);
+        Targets {
+            example_shares,
+            token_shares: shares,
+            counts,
+            total,
+        }
+    } else {
+        let counts = largest_remainder(&shares, total);
+        let token_shares = normalise(shares.iter().zip(&mean).map(|(p, l)| p * l).collect());
+        Targets {
+            example_shares: shares,
+            token_shares,
+            counts,
+            total,
+        }
+    }
+}
+
+/// Examples of a source of `n` held out for evaluation: round(holdout * n) for a fraction (at
+/// least 1), else the count `holdout`; always at most n - 1, so one is left to train on.
+pub fn holdout_count(holdout: f64, n: u64) -> u64 {
+    if holdout <= 0.0 || n == 0 {
+        return 0;
+    }
+    let wanted = if holdout < 1.0 {
+        ((holdout * n as f64).round() as u64).max(1)
+    } else {
+        holdout as u64
+    };
+    wanted.min(n - 1)
+}
+
+/// The positions (0..n) of one source kept for training and those held out (`held` of them, a
+/// seeded uniform subset), each list ascending.
+pub fn split_positions(n: u32, held: u32, seed: u64, task: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = Rng::new(seed ^ 0x5851_F42D_4C95_7F2D_u64.wrapping_mul(task as u64 + 1));
+    let mut out = vec![false; n as usize];
+    for i in draw_indices(n, held as u64, &mut rng) {
+        out[i as usize] = true;
+    }
+    (0..n).partition(|&i| !out[i as usize])
+}
+
 /// Indices (into 0..available) of `count` draws from one source: every index count / available
 /// times, plus a random subset of count % available distinct indices (partial Fisher-Yates).
 pub fn draw_indices(available: u32, count: u64, rng: &mut Rng) -> Vec<u32> {
@@ -274,8 +466,11 @@ pub struct TaskStats {
     pub target_share: f64,
     /// The token share p_i implies: p_i * mean_len_i / sum_j p_j * mean_len_j.
     pub target_token_share: f64,
-    /// Usable examples of the source (parsed, not empty, with trained tokens).
+    /// Usable examples of the source (parsed, not empty, with trained tokens) that this split
+    /// draws from: those not held out (train), or the held-out ones (eval).
     pub examples_available: u64,
+    /// Examples kept out of training for evaluation (`holdout`).
+    pub examples_held_out: u64,
     pub tokens_available: u64,
     pub trained_tokens_available: u64,
     /// Draws c_i (an example drawn twice counts twice).
@@ -286,6 +481,10 @@ pub struct TaskStats {
     pub examples_repeated: u64,
     /// Draws that reached the shards (over-long examples may be dropped).
     pub examples_packed: u64,
+    /// Over-long draws split into fragments, truncated, or dropped (`overlong`).
+    pub split: u64,
+    pub truncated: u64,
+    pub dropped: u64,
     /// Tokens of this task in the shards, all lanes, and those that take loss.
     pub tokens: u64,
     pub trained_tokens: u64,
@@ -298,9 +497,18 @@ pub struct TaskStats {
 /// The mixture section of the manifest.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MixReport {
+    /// The mixture as configured (sources and options), to tell whether a folder is current.
+    pub config: MixConfig,
+    /// train, or eval (the held-out examples).
+    pub split: String,
     pub mixing: String,
     pub temperature: Option<f64>,
     pub mix_cap: Option<u64>,
+    /// The `holdout` option (0: none).
+    pub holdout: f64,
+    /// examples | tokens.
+    pub unit: String,
+    /// The budget in `unit` (examples drawn, or tokens aimed at).
     pub total: u64,
     pub tasks: Vec<TaskStats>,
 }
@@ -403,6 +611,21 @@ impl Spill {
         Ok(())
     }
 
+    /// (tokens, trained targets) of unit `k`, all lanes, as [`Doc::len`] and
+    /// [`Doc::trained_targets`] count them, read without decoding the unit.
+    pub fn counts(&self, k: usize) -> (u64, u64) {
+        let (_, mask) = self.maps.as_ref().expect("spill finished");
+        let mut counts = (0, 0);
+        for seq in k * self.lanes..(k + 1) * self.lanes {
+            let (a, b) = (self.offsets[seq] as usize, self.offsets[seq + 1] as usize);
+            counts.0 += (b - a) as u64;
+            // every target but the first token's; all of them when the sequence has no mask
+            let flags = &mask[(a + 1).min(b)..b];
+            counts.1 += flags.iter().filter(|&&f| f != 0).count() as u64;
+        }
+        counts
+    }
+
     /// Unit number `k` (after [`Spill::finish`]), tagged with `source`.
     pub fn unit(&self, k: usize, source: u32) -> Unit {
         let (ids, mask) = self.maps.as_ref().expect("spill finished");
@@ -421,6 +644,180 @@ impl Spill {
             .collect();
         Unit { lanes, source }
     }
+}
+
+/// Draws the mixture's schedule from the spilled units and streams the draws, in order, to the
+/// packer (over-long units fitted here). Returns the per-task report and the over-long counts.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn replay(
+    mix: &MixConfig,
+    mixing: Mixing,
+    spill: &Spill,
+    stats: &[SourceStats],
+    file_task: &[usize],
+    cfg: &PrepareConfig,
+    packing: Packing,
+    policy: Overlong,
+    units: std::sync::mpsc::SyncSender<Vec<Unit>>,
+    progress: &Progress,
+) -> Result<(MixReport, OverlongCounts)> {
+    let n_tasks = mix.sources.len();
+    let mut tasks: Vec<TaskStats> = mix
+        .sources
+        .iter()
+        .map(|s| TaskStats {
+            name: s.name.clone(),
+            weight: s.weight,
+            epochs: s.epochs,
+            ..Default::default()
+        })
+        .collect();
+    let mut usable = vec![0u64; n_tasks];
+    for (s, &t) in stats.iter().zip(file_task) {
+        tasks[t].files.push(s.path.clone());
+        usable[t] += s.documents;
+    }
+    let mut first = vec![0usize; n_tasks]; // each task's first unit in the spill
+    for t in 1..n_tasks {
+        first[t] = first[t - 1] + usable[t - 1] as usize;
+    }
+    debug_assert_eq!(
+        first[n_tasks - 1] + usable[n_tasks - 1] as usize,
+        spill.len()
+    );
+    let eval = mix.split == "eval";
+    // Per task: the spill positions (relative to `first`) this split draws from.
+    let mut pools: Vec<Vec<u32>> = Vec::with_capacity(n_tasks);
+    for (t, task) in tasks.iter_mut().enumerate() {
+        if usable[t] == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "mixture source {:?} ({}): no usable examples",
+                task.name,
+                mix.sources[t].inputs.join(", ")
+            )));
+        }
+        if usable[t] > u32::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "mixture source {:?}: more than 2^32 examples",
+                task.name
+            )));
+        }
+        let held = holdout_count(mix.holdout, usable[t]);
+        let (kept, held_out) = split_positions(usable[t] as u32, held as u32, cfg.seed, t);
+        let pool = if eval { held_out } else { kept };
+        task.examples_held_out = held;
+        task.examples_available = pool.len() as u64;
+        for &i in &pool {
+            let (tokens, trained) = spill.counts(first[t] + i as usize);
+            task.tokens_available += tokens;
+            task.trained_tokens_available += trained;
+        }
+        pools.push(pool);
+    }
+    let available: Vec<u32> = pools.iter().map(|p| p.len() as u32).collect();
+    // The eval split takes every held-out example once: proportional, no cap, no budget.
+    let rule = if eval {
+        Mixing::Proportional(None)
+    } else {
+        mixing
+    };
+    let by_tokens = mix.mix_unit == "tokens" && !eval;
+    let column = |f: fn(&TaskStats) -> u64| tasks.iter().map(f).collect::<Vec<u64>>();
+    let epochs: Vec<f64> = tasks
+        .iter()
+        .map(|t| if eval { 1.0 } else { t.epochs })
+        .collect();
+    let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
+    let goal = targets(
+        rule,
+        by_tokens,
+        &column(|t| t.examples_available),
+        &column(|t| t.tokens_available),
+        &epochs,
+        &weights,
+        if eval { Budget::Default } else { mix.budget() },
+    );
+    let counts = goal.counts;
+    for (t, task) in tasks.iter_mut().enumerate() {
+        task.target_share = goal.example_shares[t];
+        task.target_token_share = goal.token_shares[t];
+        task.examples_taken = counts[t];
+        task.examples_distinct = counts[t].min(task.examples_available);
+        task.examples_repeated = counts[t] - task.examples_distinct;
+    }
+
+    let plan = schedule(&counts, &available, cfg.seed);
+    let mut overlong = OverlongCounts::default();
+    for chunk in plan.chunks(1024) {
+        if progress.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let mut batch = Vec::with_capacity(chunk.len());
+        for &(t, i) in chunk {
+            let unit = spill.unit(
+                first[t as usize] + pools[t as usize][i as usize] as usize,
+                t,
+            );
+            let before = overlong;
+            let fitted = if packing == Packing::Greedy {
+                vec![unit]
+            } else {
+                fit_overlong(unit, cfg.seq_len, policy, &mut overlong)
+            };
+            let task = &mut tasks[t as usize];
+            task.examples_packed += u64::from(!fitted.is_empty());
+            task.split += overlong.split - before.split;
+            task.truncated += overlong.truncated - before.truncated;
+            task.dropped += overlong.dropped - before.dropped;
+            for u in &fitted {
+                task.tokens += u.lanes.iter().map(|d| d.len() as u64).sum::<u64>();
+                task.trained_tokens += u
+                    .lanes
+                    .iter()
+                    .map(|d| d.trained_targets() as u64)
+                    .sum::<u64>();
+            }
+            batch.extend(fitted);
+        }
+        if units.send(batch).is_err() {
+            break; // the packer failed; its error is reported by the caller
+        }
+    }
+    drop(units);
+    let share = |part: u64, all: u64| {
+        if all > 0 {
+            part as f64 / all as f64
+        } else {
+            0.0
+        }
+    };
+    let (packed, tokens, trained) = tasks.iter().fold((0, 0, 0), |(a, b, c), t| {
+        (a + t.examples_packed, b + t.tokens, c + t.trained_tokens)
+    });
+    for task in &mut tasks {
+        task.example_share = share(task.examples_packed, packed);
+        task.token_share = share(task.tokens, tokens);
+        task.trained_token_share = share(task.trained_tokens, trained);
+    }
+    let report = MixReport {
+        config: mix.clone(),
+        split: mix.split.clone(),
+        mixing: if eval {
+            "holdout".into()
+        } else {
+            mix.mixing.clone()
+        },
+        temperature: matches!(rule, Mixing::Temperature(_)).then_some(mix.temperature),
+        mix_cap: match rule {
+            Mixing::Proportional(cap) => cap,
+            _ => None,
+        },
+        holdout: mix.holdout,
+        unit: if by_tokens { "tokens" } else { "examples" }.into(),
+        total: goal.total,
+        tasks,
+    };
+    Ok((report, overlong))
 }
 
 #[cfg(test)]
@@ -525,8 +922,60 @@ mod tests {
         spill.finish().unwrap();
         assert_eq!(spill.len(), 2);
         assert_eq!(spill.unit(1, 0), units[1]);
+        for (k, u) in units.iter().enumerate() {
+            let doc = &u.lanes[0];
+            assert_eq!(
+                spill.counts(k),
+                (doc.len() as u64, doc.trained_targets() as u64)
+            );
+        }
         assert_eq!(spill.unit(0, 7).lanes, units[0].lanes);
         assert_eq!(spill.unit(0, 7).source, 7);
+    }
+
+    #[test]
+    fn first_and_all_exhausted_budgets() {
+        let n = [5000, 1000, 200];
+        let tokens = [50_000, 10_000, 2000];
+        let w = [0.5, 0.3, 0.2];
+        let at = |budget| targets(Mixing::Weights, false, &n, &tokens, &[1.0; 3], &w, budget);
+        // charlie (200 at 20%) runs out first at 1000; alpha (5000 at 50%) last at 10000
+        let first = at(Budget::FirstExhausted);
+        assert_eq!(
+            (first.total, first.counts.clone()),
+            (1000, vec![500, 300, 200])
+        );
+        let all = at(Budget::AllExhausted);
+        assert_eq!(
+            (all.total, all.counts.clone()),
+            (10_000, vec![5000, 3000, 2000])
+        );
+        assert_eq!(at(Budget::Total(10)).counts, vec![5, 3, 2]);
+        let cfg = MixConfig {
+            mix_stop: "first_exhausted".into(),
+            mix_total: 5,
+            sources: vec![MixSource {
+                name: "a".into(),
+                inputs: vec!["a".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(cfg.validate().unwrap_err().to_string().contains("not both"));
+    }
+
+    #[test]
+    fn holdout_is_a_seeded_subset_that_leaves_one_to_train() {
+        assert_eq!(holdout_count(0.1, 1000), 100);
+        assert_eq!(holdout_count(0.001, 10), 1);
+        assert_eq!(holdout_count(50.0, 1000), 50);
+        assert_eq!(holdout_count(50.0, 20), 19);
+        assert_eq!(holdout_count(0.0, 20), 0);
+        let (kept, held) = split_positions(100, 10, 3, 0);
+        assert_eq!((kept.len(), held.len()), (90, 10));
+        assert!(held.iter().all(|h| !kept.contains(h)));
+        assert_eq!(split_positions(100, 10, 3, 0), (kept, held.clone()));
+        assert_ne!(split_positions(100, 10, 3, 1).1, held);
     }
 
     proptest! {
@@ -540,6 +989,29 @@ mod tests {
             prop_assert_eq!(counts.iter().sum::<u64>(), total);
             for (c, p) in counts.iter().zip(&shares) {
                 prop_assert!((*c as f64 - p * total as f64).abs() < 1.0 + 1e-6);
+            }
+        }
+
+        #[test]
+        fn token_targets_turn_into_example_counts(
+            examples in prop::collection::vec(1u64..5000, 1..5),
+            lens in prop::collection::vec(1u64..200, 5),
+            weights in prop::collection::vec(0.1f64..10.0, 5),
+        ) {
+            let k = examples.len();
+            let tokens: Vec<u64> = examples.iter().zip(&lens).map(|(n, l)| n * l).collect();
+            let t = targets(Mixing::Weights, true, &examples, &tokens, &[1.0; 5][..k], &weights[..k], Budget::Default);
+            // the token shares are the weights' shares, and the example counts realise them
+            let w: f64 = weights[..k].iter().sum();
+            let drawn: Vec<f64> = t.counts.iter().zip(&lens).map(|(&c, &l)| (c * l) as f64).collect();
+            let all: f64 = drawn.iter().sum();
+            prop_assert_eq!(t.total, tokens.iter().sum::<u64>());
+            for i in 0..k {
+                prop_assert!((t.token_shares[i] - weights[i] / w).abs() < 1e-9);
+                // each count is within one example of its target
+                let exact = t.token_shares[i] * t.total as f64 / lens[i] as f64;
+                prop_assert!((t.counts[i] as f64 - exact).abs() <= 1.0 + 1e-6);
+                prop_assert!((drawn[i] / all - t.token_shares[i]).abs() * all <= 2.0 * 200.0 + 1e-6);
             }
         }
 

@@ -29,10 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::jsonl::{expand_inputs, parse_record, BadLine, FieldNames, InputFormat, LineBatches};
 use super::mask::{Doc, Encoder, LossMode};
-use super::mix::{
-    default_total, largest_remainder, schedule, target_shares, MixConfig, MixReport, Mixing, Spill,
-    TaskStats,
-};
+use super::mix::{MixConfig, MixReport, Mixing, Spill};
 use super::pack::{
     fit_overlong, BfdPacker, GreedyPacker, Overlong, OverlongCounts, Packing, Row, Unit,
 };
@@ -359,10 +356,11 @@ impl Drop for TempDir {
     }
 }
 
-/// Where encoded units go: straight to the packer, or (a mixture) into the spill for sampling.
-enum Sink<'a> {
+/// Where encoded units go: to the packer (fitted to `seq_len`, tagged with their file), or (a
+/// mixture) to the spill writer for sampling (as read, tagged with their task).
+enum Sink {
     Pack(std::sync::mpsc::SyncSender<Vec<Unit>>),
-    Spill(&'a mut Spill),
+    Spill(std::sync::mpsc::SyncSender<Vec<Unit>>),
 }
 
 /// What the reading stage found.
@@ -386,7 +384,7 @@ struct Reader<'a> {
 impl Reader<'_> {
     /// Reads every file (reader thread), encodes each batch on every core (order kept), and hands
     /// the units of the accepted records to `sink`.
-    fn run(&self, mut sink: Sink<'_>) -> Result<Encoded> {
+    fn run(&self, sink: Sink) -> Result<Encoded> {
         let (cfg, plan, files, progress) = (self.cfg, self.plan, self.files, self.progress);
         let mut stats: Vec<SourceStats> = files
             .iter()
@@ -477,11 +475,11 @@ impl Reader<'_> {
                         src.trained_tokens += trained;
                         progress.documents.fetch_add(1, Ordering::Relaxed);
                         progress.tokens.fetch_add(tokens, Ordering::Relaxed);
-                        match &mut sink {
-                            Sink::Spill(spill) => spill.push(&Unit {
+                        match &sink {
+                            Sink::Spill(_) => units.push(Unit {
                                 lanes: docs,
                                 source: self.file_task[line.source] as u32,
-                            })?,
+                            }),
                             Sink::Pack(_) => {
                                 let unit = Unit {
                                     lanes: docs,
@@ -504,10 +502,9 @@ impl Reader<'_> {
                             }
                         }
                     }
-                    if let Sink::Pack(tx) = &sink {
-                        if tx.send(units).is_err() {
-                            break; // the packer failed; its error is reported by the caller
-                        }
+                    let (Sink::Pack(tx) | Sink::Spill(tx)) = &sink;
+                    if tx.send(units).is_err() {
+                        break; // the packer or spill writer failed; the caller reports its error
                     }
                 }
                 Ok(())
@@ -623,12 +620,24 @@ fn run(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
         }
         Some((mix, mixing)) => {
             let mut spill = Spill::create(&temp.join("spill"))?;
-            let encoded = reader.run(Sink::Spill(&mut spill))?;
+            let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(2);
+            let encoded = std::thread::scope(|scope| -> Result<_> {
+                let spill = &mut spill;
+                let writer = scope.spawn(move || -> Result<()> {
+                    for unit in unit_rx.iter().flatten() {
+                        spill.push(&unit)?;
+                    }
+                    Ok(())
+                });
+                let encoded = reader.run(Sink::Spill(unit_tx));
+                writer.join().expect("spill writer panicked")?;
+                encoded
+            })?;
             spill.finish()?;
             let (unit_tx, unit_rx) = sync_channel::<Vec<Unit>>(2);
             std::thread::scope(|scope| -> Result<_> {
                 let packer = scope.spawn(move || pack(unit_rx));
-                let replayed = replay_mixture(
+                let replayed = super::mix::replay(
                     mix,
                     mixing,
                     &spill,
@@ -728,147 +737,6 @@ fn run(cfg: &PrepareConfig, progress: &Progress) -> Result<Summary> {
         bad_lines_report: cfg.skip_bad.then(|| output.join("bad_lines.jsonl")),
         manifest,
     })
-}
-
-/// Draws the mixture's schedule from the spilled units and streams the draws, in order, to the
-/// packer (over-long units fitted here). Returns the per-task report and the over-long counts.
-#[allow(clippy::too_many_arguments)]
-fn replay_mixture(
-    mix: &MixConfig,
-    mixing: Mixing,
-    spill: &Spill,
-    stats: &[SourceStats],
-    file_task: &[usize],
-    cfg: &PrepareConfig,
-    packing: Packing,
-    policy: Overlong,
-    units: std::sync::mpsc::SyncSender<Vec<Unit>>,
-    progress: &Progress,
-) -> Result<(MixReport, OverlongCounts)> {
-    let n_tasks = mix.sources.len();
-    let mut tasks: Vec<TaskStats> = mix
-        .sources
-        .iter()
-        .map(|s| TaskStats {
-            name: s.name.clone(),
-            weight: s.weight,
-            epochs: s.epochs,
-            ..Default::default()
-        })
-        .collect();
-    for (s, &t) in stats.iter().zip(file_task) {
-        let task = &mut tasks[t];
-        task.files.push(s.path.clone());
-        task.examples_available += s.documents;
-        task.tokens_available += s.tokens;
-        task.trained_tokens_available += s.trained_tokens;
-    }
-    for (t, task) in tasks.iter().enumerate() {
-        if task.examples_available == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "mixture source {:?} ({}): no usable examples",
-                task.name,
-                mix.sources[t].inputs.join(", ")
-            )));
-        }
-        if task.examples_available > u32::MAX as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "mixture source {:?}: more than 2^32 examples",
-                task.name
-            )));
-        }
-    }
-    let sizes: Vec<f64> = tasks
-        .iter()
-        .map(|t| t.examples_available as f64 * t.epochs)
-        .collect();
-    let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
-    let shares = target_shares(mixing, &sizes, &weights);
-    let total = if mix.mix_total > 0 {
-        mix.mix_total
-    } else {
-        default_total(mixing, &sizes)
-    };
-    let counts = largest_remainder(&shares, total);
-    let available: Vec<u32> = tasks.iter().map(|t| t.examples_available as u32).collect();
-    let mean_len: Vec<f64> = tasks
-        .iter()
-        .map(|t| t.tokens_available as f64 / t.examples_available as f64)
-        .collect();
-    let expected: f64 = shares.iter().zip(&mean_len).map(|(p, l)| p * l).sum();
-    let mut first = vec![0usize; n_tasks]; // each task's first unit in the spill
-    for t in 1..n_tasks {
-        first[t] = first[t - 1] + tasks[t - 1].examples_available as usize;
-    }
-    debug_assert_eq!(
-        first[n_tasks - 1] + available[n_tasks - 1] as usize,
-        spill.len()
-    );
-    for (t, task) in tasks.iter_mut().enumerate() {
-        task.target_share = shares[t];
-        task.target_token_share = shares[t] * mean_len[t] / expected;
-        task.examples_taken = counts[t];
-        task.examples_distinct = counts[t].min(task.examples_available);
-        task.examples_repeated = counts[t] - task.examples_distinct;
-    }
-
-    let plan = schedule(&counts, &available, cfg.seed);
-    let mut overlong = OverlongCounts::default();
-    for chunk in plan.chunks(1024) {
-        if progress.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
-        let mut batch = Vec::with_capacity(chunk.len());
-        for &(t, i) in chunk {
-            let unit = spill.unit(first[t as usize] + i as usize, t);
-            let fitted = if packing == Packing::Greedy {
-                vec![unit]
-            } else {
-                fit_overlong(unit, cfg.seq_len, policy, &mut overlong)
-            };
-            let task = &mut tasks[t as usize];
-            task.examples_packed += u64::from(!fitted.is_empty());
-            for u in &fitted {
-                task.tokens += u.lanes.iter().map(|d| d.len() as u64).sum::<u64>();
-                task.trained_tokens += u
-                    .lanes
-                    .iter()
-                    .map(|d| d.trained_targets() as u64)
-                    .sum::<u64>();
-            }
-            batch.extend(fitted);
-        }
-        if units.send(batch).is_err() {
-            break; // the packer failed; its error is reported by the caller
-        }
-    }
-    drop(units);
-    let share = |part: u64, all: u64| {
-        if all > 0 {
-            part as f64 / all as f64
-        } else {
-            0.0
-        }
-    };
-    let (packed, tokens, trained) = tasks.iter().fold((0, 0, 0), |(a, b, c), t| {
-        (a + t.examples_packed, b + t.tokens, c + t.trained_tokens)
-    });
-    for task in &mut tasks {
-        task.example_share = share(task.examples_packed, packed);
-        task.token_share = share(task.tokens, tokens);
-        task.trained_token_share = share(task.trained_tokens, trained);
-    }
-    let report = MixReport {
-        mixing: mix.mixing.clone(),
-        temperature: matches!(mixing, Mixing::Temperature(_)).then_some(mix.temperature),
-        mix_cap: match mixing {
-            Mixing::Proportional(cap) => cap,
-            _ => None,
-        },
-        total,
-        tasks,
-    };
-    Ok((report, overlong))
 }
 
 /// Every record of a run has the same number of sequences (1, or 2 for preference pairs).
@@ -1073,5 +941,100 @@ mod tests {
         progress.cancel.store(true, Ordering::Relaxed);
         assert!(matches!(prepare(&cfg, &progress), Err(Error::Cancelled)));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn mixture_tags_every_token_with_its_source_and_is_deterministic() {
+        use crate::data::mix::{MixConfig, MixSource};
+        let tok = tiny_tokenizer_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, word: &str, n: usize| {
+            let path = dir.path().join(name);
+            let lines: String = (0..n)
+                .map(|i| format!("{{\"text\": \"{}\"}}\n", vec![word; i % 5 + 1].join(" ")))
+                .collect();
+            fs::write(&path, lines).unwrap();
+            path.display().to_string()
+        };
+        let source = |name: &str, file: String, epochs: f64| MixSource {
+            name: name.into(),
+            inputs: vec![file],
+            epochs,
+            ..Default::default()
+        };
+        let cfg = PrepareConfig {
+            output: dir.path().join("out"),
+            tokenizer: tok.path().to_path_buf(),
+            seq_len: 16,
+            rows_per_shard: 8,
+            mixture: Some(MixConfig {
+                sources: vec![
+                    source("the", write("a.jsonl", "the", 40), 0.5),
+                    source("dog", write("b.jsonl", "dog", 10), 2.5),
+                ],
+                mixing: "proportional".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let a = prepare(&cfg, &Progress::default()).unwrap();
+        let mix = a.manifest.mixture.as_ref().unwrap();
+        assert_eq!(a.manifest.task_names, ["the", "dog"]);
+        let taken: Vec<u64> = mix.tasks.iter().map(|t| t.examples_taken).collect();
+        assert_eq!(taken, [20, 25]); // epochs: half of 40, 2.5 x 10
+        assert_eq!(mix.tasks[1].examples_repeated, 15);
+        let t = Tokenizer::from_file(tok.path()).unwrap();
+        // the two sources share no token but the specials (ids 0..5)
+        let the = t.encode("the the", false).unwrap();
+        let dog = t.encode("dog dog", false).unwrap();
+        assert!(the.iter().all(|id| !dog.contains(id)));
+        let mut seen = [0u64; 2];
+        for shard in &a.manifest.shards {
+            let st = SafeTensors::open(cfg.output.join(&shard.file)).unwrap();
+            let read = |name: &str| -> Vec<i32> {
+                st.bytes(name)
+                    .unwrap()
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            };
+            let (ids, docs, tasks) = (read("input_ids"), read("document_ids"), read("task_ids"));
+            for ((&id, &doc), &task) in ids.iter().zip(&docs).zip(&tasks) {
+                assert_eq!(doc < 0, task < 0, "padding and only padding has task -1");
+                if task >= 0 && id >= 5 {
+                    let (own, other) = if task == 0 {
+                        (&the, &dog)
+                    } else {
+                        (&dog, &the)
+                    };
+                    assert!(!other.contains(&(id as u32)), "token {id} of task {task}");
+                    seen[task as usize] += u64::from(own.contains(&(id as u32)));
+                }
+            }
+        }
+        assert!(seen[0] > 0 && seen[1] > 0);
+        assert_eq!(
+            mix.tasks.iter().map(|t| t.tokens).sum::<u64>(),
+            a.manifest.tokens
+        );
+        assert_eq!(
+            mix.tasks.iter().map(|t| t.split).sum::<u64>(),
+            a.manifest.split
+        );
+        // same bytes with one thread; the spill is gone
+        let again = PrepareConfig {
+            overwrite: true,
+            threads: 1,
+            ..cfg.clone()
+        };
+        let b = prepare(&again, &Progress::default()).unwrap();
+        assert_eq!(a.manifest.shards, b.manifest.shards);
+        assert!(!cfg.output.join("spill").exists());
+        // an empty source is named
+        fs::write(dir.path().join("b.jsonl"), "").unwrap();
+        let err = prepare(&again, &Progress::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mixture source \"dog\""), "{err}");
     }
 }
