@@ -496,12 +496,3 @@ def load_routed(model: nn.Module, directory: str | os.PathLike[str]) -> RoutedMo
                 layer.load_adapter_state(task, state)
     routed.requires_grad_(False)
     return routed
-
-
-def routed_parameters(routed: RoutedModel) -> list[nn.Parameter]:
-    """The task adapters' parameters (stacked LoRA factors or prompts)."""
-    params: list[nn.Parameter] = [layer.lora_A for _, layer in routed_layers(routed)]
-    params += [layer.lora_B for _, layer in routed_layers(routed)]
-    if routed.prompts is not None:
-        params.append(routed.prompts.embeddings)
-    return params
