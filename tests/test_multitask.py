@@ -582,3 +582,81 @@ max_new_tokens = 6
     with torch.no_grad():
         logits = [routed(ids, task_ids=torch.tensor([k])) for k in range(3)]
     assert (logits[0] - logits[1]).abs().max() > 0  # each task has its own trained adapter
+
+
+# ----------------------------------------------------------------------------------------------
+# Two ranks (DDP on gloo): the weighted loss is normalised over both ranks' tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def ddp_rows() -> list[dict[str, torch.Tensor]]:
+    rng = random.Random(9)
+    return pack_tasks([example(rng, k % 3) for k in range(150)])
+
+
+def ddp_model() -> torch.nn.Module:
+    model = fp.apply_peft(tiny_llama(3), fp.LoraConfig(r=2, alpha=4, target_modules="all-linear"), "shared")
+    torch.manual_seed(3)
+    return apply_routed(model, TASKS, fp.LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+
+
+def weighted_steps(model, env, rows_per_rank: int) -> tuple[list[float], dict[str, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    """3 AdamW steps of the routed model with loss weights, 2 micro-batches each."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    stream = RowBatches(
+        ddp_rows(), rows_per_rank, shuffle=False, rank=env.rank, world_size=env.world_size
+    ).epoch(0)
+    lam = torch.tensor([3.0, 1.0, 0.25])
+    losses = []
+    for _ in range(3):
+        loss, _ = accumulate_gradients(
+            model, [next(stream), next(stream)], torch.device("cpu"), env=env, task_weights=lam
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    inner = getattr(model, "module", model)
+    return losses, {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    import os
+    import sys
+
+    from ferrotune.train import dist as fd
+    from safetensors.torch import save_file
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ.update(
+        MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0"
+    )
+    torch.set_num_threads(1)
+    env = fd.init_distributed("cpu")
+    losses, state = weighted_steps(fd.wrap_model(ddp_model(), env, "ddp"), env, 2)
+    save_file(state, f"{out}/state{rank}.safetensors")
+    with open(f"{out}/losses{rank}.json", "w") as f:
+        json.dump(losses, f)
+    fd.shutdown(env)
+    sys.stdout.flush()
+    os._exit(0)  # gloo's threads can abort in interpreter teardown on this CPU (see test_dist)
+
+
+def test_weighted_routed_training_on_two_ranks_equals_one_process(tmp_path) -> None:
+    import torch.multiprocessing as mp
+    from ferrotune.train.dist import DistEnv
+    from safetensors.torch import load_file
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    mp.start_processes(_ddp_rank, args=(store.port, str(tmp_path)), nprocs=2, start_method="spawn")
+    del store
+    want_losses, want_state = weighted_steps(ddp_model(), DistEnv(), 4)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"losses{rank}.json").read_text()) == pytest.approx(
+            want_losses, rel=1e-5
+        )
+        got = load_file(str(tmp_path / f"state{rank}.safetensors"))
+        assert set(got) == set(want_state)
+        for name, value in want_state.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-5, msg=name)
