@@ -247,6 +247,30 @@ class PeftSection:
 
 
 @dataclass
+class MultitaskConfig:
+    """`[multitask]` (ferrotune.train.multitask): per-task loss weights, per-task evaluation and
+    task-routed adapters over a mixture whose batches carry `task_ids`.
+
+        [multitask]
+        loss_weights = { reverse = 2.0, sort = 1.0 }   # default 1 for a task not named
+        routed = true                # one adapter per task beside the shared [peft] adapter
+        task_method = "lora"         # or "prompt" (prompt tuning, one task per packed row)
+        task_options = { r = 8, alpha = 16, target_modules = "all-linear" }
+        exact_match = { reverse = "data/reverse_eval.jsonl" }   # prompt/completion, greedy
+
+    `tasks` lists the task names in index order; empty: the prepared data's metadata."""
+
+    tasks: list[str] = field(default_factory=list)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    routed: bool = False
+    task_method: Literal["lora", "prompt"] = "lora"
+    task_options: dict[str, Any] = field(default_factory=dict)  # default: [peft] options (LoRA)
+    exact_match: dict[str, str] = field(default_factory=dict)  # task -> prompt/completion JSONL
+    max_new_tokens: int = 32
+    exact_match_limit: int = 200  # examples per task
+
+
+@dataclass
 class Config:
     task: Literal["pretrain", "sft", "reward", "ppo", "dpo", "ipo", "simpo", "orpo", "kto", "grpo"] = "sft"
     seed: int = 0
@@ -256,6 +280,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     peft: PeftSection = field(default_factory=PeftSection)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
 
 # ----------------------------------------------------------------------------------------------

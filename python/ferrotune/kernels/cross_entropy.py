@@ -9,6 +9,11 @@ For N tokens with hidden states h (N, H), head weight W (V, H), targets y and a 
     dL/dlogits_i = (softmax(h_i W^T) - onehot(y_i)) / Z     (zero for ignored tokens)
     dL/dh = dL/dlogits @ W,   dL/dW = dL/dlogits^T @ h
 
+With per-token weights w (multi-task loss weights; w = 1 gives the plain loss above):
+
+    loss = sum_{i: y_i != ignore} w_i (logsumexp(h_i W^T) - (h_i W^T)[y_i]) / Z,   Z = sum_i w_i by default
+    dL/dlogits_i = w_i (softmax(h_i W^T) - onehot(y_i)) / Z
+
 The forward pass walks the tokens in chunks, computing each chunk's logits, its loss and both
 gradients at once; backward only scales the stored gradients by the incoming gradient.
 
@@ -117,23 +122,30 @@ def linear_cross_entropy_reference(
     weight: torch.Tensor,
     labels: torch.Tensor,
     normalizer: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """hidden (N, H), weight (V, H), labels (N,): summed token loss / normalizer (default: the
-    number of trained tokens), computed from the full fp32 logits."""
+    """hidden (N, H), weight (V, H), labels (N,), token_weights (N,) or None: summed (weighted)
+    token loss / normalizer (default: the trained tokens' total weight), from the full fp32 logits."""
     logits = (hidden @ weight.t()).float()  # (N, V)
-    total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / _normalizer(labels, normalizer)
+    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
+    if token_weights is not None:
+        losses = losses * token_weights.float()
+    return losses.sum() / _normalizer(labels, normalizer, token_weights)
 
 
-def _normalizer(labels: torch.Tensor, normalizer: float | torch.Tensor | None) -> torch.Tensor:
-    if normalizer is None:
+def _normalizer(
+    labels: torch.Tensor, normalizer: float | torch.Tensor | None, token_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, dtype=torch.float32, device=labels.device)
+    if token_weights is None:
         return (labels != IGNORE_INDEX).sum().clamp(min=1).float()
-    return torch.as_tensor(normalizer, dtype=torch.float32, device=labels.device)
+    return (token_weights.float() * (labels != IGNORE_INDEX)).sum().clamp(min=1e-12)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, normalizer, chunk_size, grad_enabled):
+    def forward(ctx, hidden, weight, labels, normalizer, chunk_size, grad_enabled, token_weights=None):
         n_tokens = hidden.shape[0]
         # Gradients are computed here, in forward; not at all under no_grad (evaluation).
         want_dh = ctx.needs_input_grad[0] and grad_enabled
@@ -148,11 +160,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]  # (C, H)
             y = labels[start : start + chunk_size]  # (C,)
             logits = h @ weight.t()  # (C, V), hidden's dtype
-            row_scale = (1.0 / normalizer).expand(len(y)).contiguous()  # (C,) fp32
+            w = None if token_weights is None else token_weights[start : start + chunk_size].float()  # (C,)
+            if w is None:
+                row_scale = (1.0 / normalizer).expand(len(y)).contiguous()  # (C,) fp32
+            else:  # w_i / Z: row i's gradient scales by its weight
+                row_scale = (w / normalizer).contiguous()
             fast = triton_runs_on(logits) and logits.is_contiguous()
             step = _rows_loss_and_grad_fast if fast else _rows_loss_and_grad_reference
             row_loss, grad = step(logits, y.contiguous(), row_scale, want_grad)
-            total += row_loss.sum()
+            total += row_loss.sum() if w is None else (row_loss * w).sum()
             if grad is None:
                 continue
             grad = grad.to(h.dtype)  # no-op unless autocast made the logits bf16 for fp32 hidden states
@@ -172,7 +188,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scaled = iter(torch._foreach_mul(stored, grad_out)) if stored else iter(())
         dh = next(scaled) if grad_hidden is not None else None
         dw = next(scaled) if grad_weight is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -181,14 +197,19 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     normalizer: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused, chunked LM-head loss. hidden (..., H) and labels (...) are flattened; labels
-    are pre-shifted targets with -100 where no loss is taken. Equals
+    """The fused, chunked LM-head loss. hidden (..., H), labels (...) and token_weights (...)
+    are flattened; labels are pre-shifted targets with -100 where no loss is taken. Equals
     `linear_cross_entropy_reference` up to floating-point order."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
+    if token_weights is not None:
+        token_weights = token_weights.reshape(-1).detach()
     if chunk_size is None:
         logit_bytes = hidden.element_size() if triton_runs_on(hidden) else 4  # the reference is fp32
         chunk_size = max(256, _CHUNK_BYTES // (logit_bytes * weight.shape[0]))
-    z = _normalizer(labels, normalizer)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, z, chunk_size, torch.is_grad_enabled())
+    z = _normalizer(labels, normalizer, token_weights)
+    return _LinearCrossEntropy.apply(
+        hidden, weight, labels, z, chunk_size, torch.is_grad_enabled(), token_weights
+    )

@@ -616,10 +616,12 @@ class CausalLM(nn.Module):
         kv_cache: KVCache | None = None,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         labels: torch.Tensor | None = None,  # (B, T) pre-shifted targets, -100 = no loss
+        token_weights: torch.Tensor | None = None,  # (B, T) per-token loss weights (multi-task)
     ) -> torch.Tensor:
         """Logits (B, T, V); with `labels`, the summed token cross-entropy instead (an fp32
-        scalar: sum over trained positions of -log softmax(logits)[label]), which a plain linear
-        head computes chunk by chunk without materialising the logits (`kernels.linear_cross_entropy`)."""
+        scalar: sum over trained positions of -log softmax(logits)[label], each term times its
+        token weight when given), which a plain linear head computes chunk by chunk without
+        materialising the logits (`kernels.linear_cross_entropy`)."""
         hidden = self.hidden_states(
             input_ids,
             inputs_embeds=inputs_embeds,
@@ -632,8 +634,15 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)  # (B, T, V)
         head = self.lm_head
         if type(head) is nn.Linear and head.bias is None:
-            return kernels.linear_cross_entropy(hidden, head.weight, labels, normalizer=1.0)
+            return kernels.linear_cross_entropy(
+                hidden, head.weight, labels, normalizer=1.0, token_weights=token_weights
+            )
         logits = head(hidden)  # a wrapped head (modules_to_save, LoRA on lm_head): full logits
+        if token_weights is not None:
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none"
+            )  # ignore_index -100 gives 0
+            return (losses * token_weights.reshape(-1)).sum()
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             labels.reshape(-1),

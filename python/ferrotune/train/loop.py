@@ -38,6 +38,7 @@ from ferrotune.errors import FormatError
 from ferrotune.io import load_checkpoint, save_safetensors
 from ferrotune.train import dist
 from ferrotune.train.losses import trained_tokens
+from ferrotune.train.multitask import format_task_metrics, routing_inputs, token_weights
 
 Batch = dict[str, torch.Tensor]
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids")
@@ -157,14 +158,19 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return contextlib.nullcontext()
 
 
-def batch_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+def batch_loss_sum(model: nn.Module, batch: Batch, task_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed token cross-entropy of one micro-batch already on the model's device (the model
-    computes it from its hidden states: no (B, T, V) logits tensor)."""
+    computes it from its hidden states: no (B, T, V) logits tensor). With `task_weights`
+    (n_tasks,) each token's loss is weighted by its task's (ferrotune.train.multitask)."""
+    extra = routing_inputs(model, batch)
+    if task_weights is not None:
+        extra["token_weights"] = token_weights(batch, task_weights)  # (B, T)
     return model(
         batch["input_ids"],
         position_ids=batch.get("position_ids"),
         document_ids=batch.get("document_ids"),
         labels=batch["labels"],
+        **extra,
     )
 
 
@@ -181,8 +187,10 @@ def accumulate_gradients(
     device: torch.device,
     precision: str = "fp32",
     env: dist.DistEnv | None = None,
+    task_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Backward over all micro-batches, each loss divided by the step's total trained tokens.
+    """Backward over all micro-batches, each loss divided by the step's total trained tokens
+    (with `task_weights`: by the step's total token weight, so the loss is the weighted mean).
     Returns (mean loss over those tokens, detached; trained-token count).
 
     Across processes (`env`), the tokens and the loss are counted over all ranks, and each rank's
@@ -191,13 +199,18 @@ def accumulate_gradients(
     scale = 1
     if env is not None and env.distributed:
         total_tokens, scale = int(dist.global_sum(total_tokens, env)), dist.loss_scale(env)
-    normalizer = max(total_tokens, 1)
+    normalizer: float = max(total_tokens, 1)
+    if task_weights is not None:
+        weight = float(sum(float(token_weights(mb, task_weights.cpu()).sum()) for mb in micro_batches))
+        if env is not None and env.distributed:
+            weight = float(dist.global_sum(torch.tensor(weight, dtype=torch.float64), env))
+        normalizer, task_weights = max(weight, 1e-12), task_weights.to(device)
     loss_sum = torch.zeros((), device=device)
     for index, mb in enumerate(micro_batches):
         on_device = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
         with dist.gradient_sync(model, index == len(micro_batches) - 1):
             with autocast_context(device, precision):
-                micro_loss = batch_loss_sum(model, on_device)
+                micro_loss = batch_loss_sum(model, on_device, task_weights)
             (micro_loss * scale / normalizer).backward()
         loss_sum += micro_loss.detach()
     if env is not None and env.distributed:
@@ -451,6 +464,8 @@ def train_loop(
     on_step: Callable[[int, float], None] | None = None,
     quiet: bool = False,
     env: dist.DistEnv | None = None,
+    task_weights: torch.Tensor | None = None,
+    evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Trains `model` (already on `device`) for `config.train.steps` optimizer steps.
     Writes metrics, checkpoints and the curve under `config.run.output_dir`; resumes from its
@@ -458,7 +473,11 @@ def train_loop(
 
     Under torchrun (`env` from `dist.init_distributed`, `config.train.strategy` "ddp" or "fsdp")
     the model is wrapped here, each rank reads its rows (`train_batches` built with the rank and
-    world size), checkpoints are sharded (`dist.save_sharded`) and only rank 0 logs."""
+    world size), checkpoints are sharded (`dist.save_sharded`) and only rank 0 logs.
+
+    Multi-task (ferrotune.train.multitask): `task_weights` (n_tasks,) weighs each token's loss by
+    its task; `evaluator(model)` adds metrics (per-task loss, accuracy, exact match) to each
+    evaluation, logged as `eval/<task>/<metric>`."""
     cfg, run = config.train, config.run
     env = env if env is not None else dist.DistEnv()
     device = device or next(model.parameters()).device
@@ -516,7 +535,7 @@ def train_loop(
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         position += cfg.grad_accum
         step_tokens = sum(real_tokens(mb) for mb in micro)
-        loss, _ = accumulate_gradients(model, micro, device, precision, env)
+        loss, _ = accumulate_gradients(model, micro, device, precision, env, task_weights)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if cfg.max_grad_norm > 0:
             grad_norm = dist.clip_grad_norm(params, cfg.max_grad_norm)
@@ -544,13 +563,21 @@ def train_loop(
                 f" | ETA {format_seconds(per_step * (cfg.steps - done))} | mem {memory_in_use(device)}"
             )
             window_start, window_tokens = now, 0
-        if eval_batches is not None and ((run.eval_every and done % run.eval_every == 0) or last):
-            eval_result = evaluate(model, eval_batches.epoch(0), device, precision, run.eval_batches, env)
+        has_eval = eval_batches is not None or evaluator is not None
+        if has_eval and ((run.eval_every and done % run.eval_every == 0) or last):
+            eval_result = {}
+            if eval_batches is not None:
+                eval_result = evaluate(model, eval_batches.epoch(0), device, precision, run.eval_batches, env)
+            if evaluator is not None:
+                eval_result.update(evaluator(model))
             if log is not None:
                 log.write({"step": done, **eval_result})
-            say(
-                f"eval at step {done} | loss {eval_result['eval_loss']:.4f} | ppl {eval_result['eval_ppl']:.2f}"
-            )
+            if "eval_loss" in eval_result:
+                say(
+                    f"eval at step {done} | loss {eval_result['eval_loss']:.4f} | ppl {eval_result['eval_ppl']:.2f}"
+                )
+            for line in format_task_metrics(eval_result):
+                say(f"eval at step {done} | {line}")
         if run.save_every and done % run.save_every == 0 and not last:
             flush(None)  # the log is complete up to the checkpoint
             if log is not None:

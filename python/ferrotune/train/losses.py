@@ -41,6 +41,16 @@ def token_cross_entropy(
     return token_cross_entropy_sum(logits, labels) / torch.as_tensor(normalizer).clamp(min=1)
 
 
+def token_cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-log p(label) per position (B, T) in fp32, 0 where labels are -100."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(labels.shape)
+
+
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor,  # (B, T, hidden) final normed hidden states
     head_weight: torch.Tensor,  # (V, hidden)

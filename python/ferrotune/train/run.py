@@ -211,10 +211,20 @@ def training_rows(
 def finish(model: CausalLM, config: Config, tokenizer_dir: Path | None) -> Path:
     """Saves the trained model (HF layout) with its tokenizer files into <run>/final."""
     final = Path(config.run.output_dir) / "final"
-    if config.peft.method:  # [peft]: the adapter alone, in PEFT's files
+    from ferrotune.peft.routed import RoutedModel
+    from ferrotune.train.multitask import multitask_enabled
+
+    if isinstance(model, RoutedModel):  # final/shared/, final/tasks/<name>/: PEFT adapter folders
+        from ferrotune.peft import config_from_dict
+        from ferrotune.peft.routed import save_routed
+
+        shared = config_from_dict(config.peft.method, config.peft.options) if config.peft.method else None
+        save_routed(model, final, shared, base_model_name_or_path=config.model.path or None)
+    elif config.peft.method:  # [peft]: the adapter alone, in PEFT's files
         from ferrotune.peft import save_adapter
 
-        save_adapter(model, str(final), base_model_name_or_path=config.model.path or None)
+        name = "shared" if multitask_enabled(config) else "default"
+        save_adapter(model, str(final), name, base_model_name_or_path=config.model.path or None)
     else:
         save_model(model, final)
     if tokenizer_dir is not None:
@@ -240,7 +250,16 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
     train_rows, eval_rows = build_rows(config, tokenizer, tokenizer_dir)
     model = build_model(config, device)
-    if config.peft.method:  # [peft]: a parameter-efficient method on top (prints its trainable share)
+    from ferrotune.train import multitask
+
+    # a mixture's task names: per-task evaluation always, [multitask] for routing and loss weights
+    asked = multitask.multitask_enabled(config)
+    tasks = (
+        multitask.resolve_tasks(config, train_rows) if asked else multitask.task_names_from_rows(train_rows)
+    )
+    if asked:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
+        model = multitask.apply_multitask_peft(model, config, tasks, quiet=quiet)
+    elif config.peft.method:  # [peft]: a parameter-efficient method on top (prints its trainable share)
         from ferrotune.peft import apply_peft_section
 
         model = apply_peft_section(model, config.peft, tokenizer=tokenizer, quiet=quiet)
@@ -262,7 +281,44 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
             f"{config.data.seq_len} tokens ({len(eval_rows)} held out), {config.train.steps} steps",
             file=sys.stderr,
         )
-    result = train_loop(model, config, batches, eval_batches, device=device, quiet=quiet, env=env)
+    task_weights = evaluator = None
+    if tasks:
+        if asked and config.multitask.loss_weights:
+            task_weights = multitask.task_weight_vector(tasks, config.multitask.loss_weights)
+        by_task = eval_batches if len(eval_rows) and "task_ids" in eval_rows[0] else None
+        if eval_batches is not None and by_task is None and config.multitask.routed:
+            raise ConfigError(
+                "data.eval: a routed run evaluates on rows with task ids; leave data.eval empty "
+                "(data.eval_fraction holds out mixture rows) or give a prepared mixture folder"
+            )
+        if by_task is not None or config.multitask.exact_match:
+            from ferrotune.models.generate import stop_token_ids
+
+            stops = stop_token_ids(tokenizer_dir, tokenizer, model)
+            pad = tokenizer.token_to_id("<|pad|>")
+            pad = pad if pad is not None else (stops[0] if stops else 0)
+            evaluator = multitask.build_evaluator(
+                config,
+                tasks,
+                by_task,
+                tokenizer,
+                stops,
+                pad,
+                device,
+                resolve_precision(config.train.precision, device),
+                env,
+            )
+    result = train_loop(
+        model,
+        config,
+        batches,
+        eval_batches,
+        device=device,
+        quiet=quiet,
+        env=env,
+        task_weights=task_weights,
+        evaluator=evaluator,
+    )
     if env.distributed:  # the shards gathered on rank 0, which writes the checkpoint
         final = Path(config.run.output_dir) / "final"
         with dist.full_model_on_main(result.model, env) as full:
@@ -281,6 +337,12 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     }
     (Path(config.run.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return Outcome(result, final, model)
+
+
+def multitask_summary(metrics: dict[str, Any]) -> list[str]:
+    from ferrotune.train.multitask import format_task_metrics
+
+    return [f"eval {line}" for line in format_task_metrics(metrics)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -304,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
         f"eval loss {result.eval['eval_loss']:.4f}, perplexity {result.eval['eval_ppl']:.2f}"
         if result.eval
         else "",
+        *multitask_summary(result.eval),
         f"model: {outcome.final_dir}",
         f"metrics: {Path(config.run.output_dir) / 'metrics.jsonl'}",
     ]
