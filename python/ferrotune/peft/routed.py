@@ -50,7 +50,13 @@ from torch import nn
 
 from ferrotune.errors import ConfigError, FormatError
 from ferrotune.peft import formats
-from ferrotune.peft.common import AdapterLayer, adapter_layers, check_adapter_name, is_target, replace_module
+from ferrotune.peft.common import (
+    adapter_layers,
+    check_adapter_name,
+    is_adapter_layer,
+    is_target,
+    replace_module,
+)
 from ferrotune.peft.lora import LoraConfig, LoraLinear, lora_scaling
 from ferrotune.peft.prefix import PrefixKV
 from ferrotune.peft.prompt import PromptConfig
@@ -217,7 +223,7 @@ def _routed_targets(model: nn.Module, target_modules: str | Sequence[str]) -> li
     for key, module in model.named_modules():
         if not key or any(key.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, AdapterLayer):
+        if is_adapter_layer(module):
             inside.append(key)
         if isinstance(module, (nn.Linear, LoraLinear)) and is_target(key, module, target_modules):
             found.append(key)
