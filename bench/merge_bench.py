@@ -6,8 +6,8 @@ LoRA r=16 all-linear adapter under DATA/base and DATA/adapter (reused when prese
 Each rep, alternating peer and ours, each in a fresh interpreter with the same untimed preparation
 (old outputs removed, os.sync(), base + adapter read once so the page cache is warm):
   peer: `merge_peer.py --phase merge` (PEFT load -> merge_and_unload -> save_pretrained) in VENV_PEER
-  ours: `ferrotune merge DATA/base DATA/adapter DATA/ours` (the CLI, probe check included), and
-        once more with --no-probe
+  ours: `ferrotune merge DATA/base DATA/adapter DATA/ours` (its Python entry point, probe check
+        included; `torch_imported` records whether torch was imported), and once more with --no-probe
 Wall time of the whole process (interpreter start, imports, work), the peer's own in-process total,
 and each process's peak RSS (VmHWM). Then the two merged models are compared tensor by tensor.
 
@@ -59,6 +59,8 @@ def phase_ours(args: argparse.Namespace) -> None:
                 "probe_divergence": report.divergence if report else None,
                 "probe_relative": report.relative_divergence if report else None,
                 "probe_adapter_effect": report.adapter_effect if report else None,
+                "probe_engine": report.engine if report else None,
+                "torch_imported": "torch" in sys.modules,
                 "bytes_written": summary["bytes_written"],
                 "peak_rss_mb": vm_hwm_mb(),
             }
