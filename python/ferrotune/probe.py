@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from ferrotune import _native
 from ferrotune.errors import ConfigError
@@ -101,6 +102,22 @@ def probe_merge(
         seed=seed,
         progress=progress,
     )
+    return report_from_native(result, base, adapter, merged, threshold=threshold, seed=seed)
+
+
+def report_from_native(
+    result: dict[str, Any],
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    merged: str | os.PathLike[str],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    seed: int = 0,
+) -> ProbeReport:
+    """The report of a native probe `result` (`_native.probe_merge`'s dict); where the native pass
+    declined, the torch reference's report on the same inputs. Raises ConfigError when neither
+    covers the model."""
+    inputs, tokens = result["inputs"], result["tokens"]
     if result["supported"]:
         return ProbeReport(
             divergence=result["divergence"],

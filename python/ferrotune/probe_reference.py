@@ -43,6 +43,7 @@ class _UnmergedLinear(nn.Module):
         scale: float,
         magnitude: torch.Tensor | None,
         lora_rows: torch.Tensor,
+        lora_bias: torch.Tensor | None = None,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty_like(like.weight, device="meta"), requires_grad=False)
@@ -52,11 +53,13 @@ class _UnmergedLinear(nn.Module):
             else None
         )
         self.a, self.b, self.scale, self.magnitude = a, b, scale, magnitude  # (r, in), (out, r), (out,)
+        self.lora_bias = lora_bias  # (out,): lora_B's bias (PEFT `lora_bias`)
         self.lora_rows = lora_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, in) -> (B, T, out)
         plain = F.linear(x, self.weight)
-        lora = F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype)) * self.scale
+        lora_bias = None if self.lora_bias is None else self.lora_bias.to(x.dtype)
+        lora = F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype), lora_bias) * self.scale
         if self.magnitude is None:
             adapted = plain + lora
         else:
@@ -165,6 +168,7 @@ def _probe(
                 m["scale"],
                 magnitude,
                 lora_rows,
+                adapter_weights[m["bias"]] if m["bias"] else None,
             )
             setattr(parent, leaf, wrapped)
         weights = _weights(base, prefix)

@@ -23,6 +23,7 @@
 //! one slab (one dequantized tensor for 4-bit weights), whatever the model size.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde_json::{Map, Value};
@@ -469,6 +470,7 @@ pub struct Forward<'a> {
     sequences: usize,
     tokens: usize,
     progress: bool,
+    cancel: Option<&'a AtomicBool>,
 }
 
 impl<'a> Forward<'a> {
@@ -499,7 +501,14 @@ impl<'a> Forward<'a> {
             sequences,
             tokens,
             progress: false,
+            cancel: None,
         })
+    }
+
+    /// Stops at the next layer with [`Error::Cancelled`] once `cancel` is set.
+    pub fn with_cancel(mut self, cancel: &'a AtomicBool) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// A progress line per second on stderr.
@@ -530,6 +539,9 @@ impl<'a> Forward<'a> {
         let mut last_report = start;
         let mut x = self.embed()?; // (rows, hidden)
         for i in 0..c.layers {
+            if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Cancelled);
+            }
             let p = |name: &str| format!("model.layers.{i}.{name}");
             let mut normed = x.clone();
             self.norm(&mut normed, hidden, &p("input_layernorm.weight"))?;
@@ -803,4 +815,76 @@ fn dora_row_norms(weight: &Stored, delta: &LowRank, in_dim: usize) -> Result<Vec
         }
     })?;
     Ok(norms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<Supported<DecoderConfig>> {
+        DecoderConfig::parse(json.as_object().unwrap(), Path::new("config.json"))
+    }
+
+    fn tiny(extra: serde_json::Value) -> serde_json::Value {
+        let mut base = serde_json::json!({
+            "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 12,
+            "num_hidden_layers": 1, "num_attention_heads": 2
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        base
+    }
+
+    #[test]
+    fn configs_are_read_as_transformers_4_and_5_write_them() {
+        let c = parse(tiny(serde_json::json!({}))).unwrap().unwrap();
+        assert_eq!((c.kv_heads, c.head_dim, c.window), (2, 4, None));
+        assert_eq!(c.inverse_frequencies(), vec![1.0, 0.01]);
+        let v5 = serde_json::json!({"rope_parameters": {"rope_theta": 100.0, "rope_type": "linear", "factor": 2.0}});
+        let c = parse(tiny(v5)).unwrap().unwrap();
+        assert_eq!(c.inverse_frequencies(), vec![0.5, 0.05]);
+        let mistral = serde_json::json!({"model_type": "mistral", "sliding_window": 3});
+        assert_eq!(parse(tiny(mistral)).unwrap().unwrap().window, Some(3));
+    }
+
+    #[test]
+    fn llama3_rope_keeps_short_and_divides_long_wavelengths() {
+        let scaling = serde_json::json!({"head_dim": 64, "rope_theta": 500000.0, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}});
+        let scaled = parse(tiny(scaling)).unwrap().unwrap().inverse_frequencies();
+        let plain = parse(tiny(
+            serde_json::json!({"head_dim": 64, "rope_theta": 500000.0}),
+        ))
+        .unwrap()
+        .unwrap()
+        .inverse_frequencies();
+        assert_eq!(scaled[0], plain[0]); // wavelength 2π: kept
+        assert!((scaled[31] - plain[31] / 8.0).abs() <= 1e-6 * plain[31]); // longest: divided
+    }
+
+    #[test]
+    fn unsupported_models_say_why_and_bad_fields_are_named() {
+        let gpt2 = parse(serde_json::json!({"model_type": "gpt2", "n_embd": 8})).unwrap();
+        assert!(gpt2.unwrap_err().contains("gpt2"));
+        let yarn = serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}});
+        assert!(parse(tiny(yarn)).unwrap().unwrap_err().contains("yarn"));
+        let act = parse(tiny(serde_json::json!({"hidden_act": "relu"}))).unwrap();
+        assert!(act.unwrap_err().contains("relu"));
+        for (bad, field) in [
+            (
+                serde_json::json!({"num_key_value_heads": 3}),
+                "num_key_value_heads",
+            ),
+            (serde_json::json!({"vocab_size": "many"}), "vocab_size"),
+            (
+                serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+                "rope_scaling.low_freq_factor",
+            ),
+        ] {
+            let err = parse(tiny(bad)).unwrap_err().to_string();
+            assert!(err.contains(field), "{field} not in {err}");
+        }
+    }
 }

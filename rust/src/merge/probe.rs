@@ -1,5 +1,6 @@
 //! The check that ends every merge: merged versus unmerged logits on a few probe inputs, computed
-//! natively (`forward.rs`) in f32 from the memory-mapped checkpoints.
+//! natively (`forward.rs`) in f32 from the memory-mapped checkpoints. The base and unmerged
+//! passes need no merged file, so [`merge_and_probe`] runs them while the merge streams.
 //!
 //! Three variants of the model run over the same probe ids (uniform over the vocabulary, fixed by
 //! a seed):
@@ -14,9 +15,11 @@
 //! divergence exceeds a fraction of the adapter's effect.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::adapter::Adapter;
+use super::apply::{merge_adapter, MergeOptions, MergeSummary};
 use super::forward::{adapter_support, DecoderConfig, Forward, Supported, Variant};
 use crate::error::Result;
 use crate::io::Checkpoint;
@@ -85,24 +88,28 @@ fn max_abs_difference(a: &[f32], b: &[f32]) -> f64 {
     })
 }
 
-/// The decoder config of a merge: the merged folder's, else the base's.
-fn config_of(merged: &Path, base: &Path) -> Result<Supported<DecoderConfig>> {
-    match DecoderConfig::read(merged)? {
-        Ok(config) => Ok(Ok(config)),
-        Err(_) => DecoderConfig::read(base),
-    }
+/// The half of the probe that needs only the base and the adapter (the base and unmerged
+/// logits), so it can run while the merge writes the merged checkpoint.
+pub struct ProbeStart {
+    config: DecoderConfig,
+    ids: Vec<u32>,
+    base: Vec<f32>,
+    unmerged: Vec<f32>,
+    options: ProbeOptions,
+    seconds: f64,
 }
 
-/// Runs the base, unmerged and merged models on the probe inputs (see the module docs), or says
-/// why the native forward pass cannot (an architecture or adapter part it does not implement).
-pub fn probe_merge(
+/// Runs the base and unmerged variants on the probe ids, or says why the native forward pass
+/// cannot (an architecture or adapter part it does not implement). Stops with
+/// `Error::Cancelled` once `cancel` is set.
+pub fn probe_start(
     base_dir: &Path,
     adapter_dir: &Path,
-    merged_dir: &Path,
     options: &ProbeOptions,
-) -> Result<Supported<ProbeReport>> {
+    cancel: &AtomicBool,
+) -> Result<Supported<ProbeStart>> {
     let start = Instant::now();
-    let config = match config_of(merged_dir, base_dir)? {
+    let config = match DecoderConfig::read(base_dir)? {
         Ok(config) => config,
         Err(why) => return Ok(Err(why)),
     };
@@ -111,7 +118,6 @@ pub fn probe_merge(
         return Ok(Err(why));
     }
     let base = Checkpoint::open(base_dir)?;
-    let merged = Checkpoint::open(merged_dir)?;
     let variants = [
         Variant {
             weights: &base,
@@ -121,10 +127,6 @@ pub fn probe_merge(
             weights: &base,
             adapter: Some(&adapter),
         },
-        Variant {
-            weights: &merged,
-            adapter: None,
-        },
     ];
     let ids = probe_ids(
         config.vocab_size,
@@ -132,18 +134,98 @@ pub fn probe_merge(
         options.tokens,
         options.seed,
     );
-    let logits = Forward::new(&config, &variants, &ids, options.inputs, options.tokens)?
+    let mut logits = Forward::new(&config, &variants, &ids, options.inputs, options.tokens)?
         .with_progress(options.progress)
+        .with_cancel(cancel)
         .logits()?;
-    let (base_logits, unmerged, merged_logits) = (&logits[0], &logits[1], &logits[2]);
-    Ok(Ok(ProbeReport {
-        divergence: max_abs_difference(merged_logits, unmerged),
-        adapter_effect: max_abs_difference(unmerged, base_logits),
+    let unmerged = logits.pop().expect("two variants");
+    let base_logits = logits.pop().expect("two variants");
+    Ok(Ok(ProbeStart {
+        config,
+        ids,
+        base: base_logits,
+        unmerged,
+        options: options.clone(),
+        seconds: start.elapsed().as_secs_f64(),
+    }))
+}
+
+/// Runs the merged checkpoint on the same ids and compares (see the module docs).
+pub fn probe_finish(start: ProbeStart, merged_dir: &Path) -> Result<ProbeReport> {
+    let begin = Instant::now();
+    let merged = Checkpoint::open(merged_dir)?;
+    let variants = [Variant {
+        weights: &merged,
+        adapter: None,
+    }];
+    let options = &start.options;
+    let merged_logits = Forward::new(
+        &start.config,
+        &variants,
+        &start.ids,
+        options.inputs,
+        options.tokens,
+    )?
+    .with_progress(options.progress)
+    .logits()?
+    .remove(0);
+    let unmerged = &start.unmerged;
+    Ok(ProbeReport {
+        divergence: max_abs_difference(&merged_logits, unmerged),
+        adapter_effect: max_abs_difference(unmerged, &start.base),
         max_logit: max_abs_difference(unmerged, &vec![0.0; unmerged.len()]),
         inputs: options.inputs,
         tokens: options.tokens,
-        seconds: start.elapsed().as_secs_f64(),
-    }))
+        seconds: start.seconds + begin.elapsed().as_secs_f64(),
+    })
+}
+
+/// The whole probe of a merge already written to `merged_dir`.
+pub fn probe_merge(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    merged_dir: &Path,
+    options: &ProbeOptions,
+) -> Result<Supported<ProbeReport>> {
+    match probe_start(base_dir, adapter_dir, options, &AtomicBool::new(false))? {
+        Ok(start) => Ok(Ok(probe_finish(start, merged_dir)?)),
+        Err(why) => Ok(Err(why)),
+    }
+}
+
+/// A merge followed by its probe: the base and unmerged passes of the probe run on a second
+/// thread while the merge streams (`probe_base_dir` is the model the adapter was trained on: the
+/// 4-bit base when the merge targets its original 16-bit weights), the merged pass after it.
+/// Returns the merge summary, the probe report (or why the native probe cannot run), and the
+/// seconds the probe added after the merge.
+pub fn merge_and_probe(
+    target_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    merge_options: &MergeOptions,
+    probe_base_dir: &Path,
+    probe_options: &ProbeOptions,
+) -> Result<(MergeSummary, Supported<ProbeReport>, f64)> {
+    let cancel = AtomicBool::new(false);
+    let (merged, started) = std::thread::scope(|scope| {
+        let early =
+            scope.spawn(|| probe_start(probe_base_dir, adapter_dir, probe_options, &cancel));
+        let merged = merge_adapter(target_dir, adapter_dir, out_dir, merge_options);
+        if merged.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        let started = early
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (merged, started)
+    });
+    let summary = merged?;
+    let after_merge = Instant::now();
+    let report = match started? {
+        Ok(start) => Ok(probe_finish(start, out_dir)?),
+        Err(why) => Err(why),
+    };
+    Ok((summary, report, after_merge.elapsed().as_secs_f64()))
 }
 
 /// The logits (sequences · tokens, vocab) of the model in `model_dir`, with the adapter in

@@ -12,9 +12,11 @@ use crate::io::Checkpoint;
 use crate::merge::adapter::{Adapter, Layout};
 use crate::merge::combine::{combine_adapters as combine_native, CombineOptions, MajoritySign};
 use crate::merge::extract::{extract_adapter as extract_native, ExtractOptions};
+use crate::merge::forward::Supported;
 use crate::merge::gguf::{export_gguf as export_gguf_native, GgufType};
 use crate::merge::probe::{
-    model_logits, probe_ids, probe_merge as probe_merge_native, ProbeOptions,
+    merge_and_probe, model_logits, probe_ids, probe_merge as probe_merge_native, ProbeOptions,
+    ProbeReport,
 };
 use crate::merge::quantized::{dequantize_weight, is_aux, quant_state};
 use crate::merge::{
@@ -186,9 +188,14 @@ fn read_adapter<'py>(py: Python<'py>, adapter: PathBuf) -> PyResult<Bound<'py, P
 }
 
 /// Merges the PEFT LoRA adapter folder `adapter` into the Hugging Face model `base` (folder,
-/// index or file), writing a complete model folder `out`. Returns a summary dict.
+/// index or file), writing a complete model folder `out`. Returns a summary dict. With
+/// `probe_base` (the model the adapter was trained on), the native probe runs too, its base and
+/// unmerged passes beside the merge: `probe` is then the dict [`probe_merge`] returns, and
+/// `probe_seconds` the time it added after the merge.
 #[pyfunction]
-#[pyo3(signature = (base, adapter, out, *, overwrite=false, progress=false, requantize=false))]
+#[pyo3(signature = (base, adapter, out, *, overwrite=false, progress=false, requantize=false,
+                    probe_base=None, probe_inputs=2, probe_tokens=8, probe_seed=0))]
+#[allow(clippy::too_many_arguments)]
 fn merge_adapter<'py>(
     py: Python<'py>,
     base: PathBuf,
@@ -197,16 +204,35 @@ fn merge_adapter<'py>(
     overwrite: bool,
     progress: bool,
     requantize: bool,
+    probe_base: Option<PathBuf>,
+    probe_inputs: usize,
+    probe_tokens: usize,
+    probe_seed: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = MergeOptions {
         overwrite,
         progress,
         requantize,
     };
-    let s = run_detached(py, move || {
-        merge_adapter_native(&base, &adapter, &out, &options)
+    let Some(probe_base) = probe_base else {
+        let s = run_detached(py, move || {
+            merge_adapter_native(&base, &adapter, &out, &options)
+        })?;
+        return merge_summary(py, &s);
+    };
+    let probe_options = ProbeOptions {
+        inputs: probe_inputs,
+        tokens: probe_tokens,
+        seed: probe_seed,
+        progress,
+    };
+    let (s, report, seconds) = run_detached(py, move || {
+        merge_and_probe(&base, &adapter, &out, &options, &probe_base, &probe_options)
     })?;
-    merge_summary(py, &s)
+    let d = merge_summary(py, &s)?;
+    d.set_item("probe", probe_dict(py, report, probe_inputs, probe_tokens)?)?;
+    d.set_item("probe_seconds", seconds)?;
+    Ok(d)
 }
 
 /// The merge probe, natively: base, unmerged (base + adapter beside it) and merged logits on
@@ -235,6 +261,15 @@ fn probe_merge<'py>(
     let outcome = run_detached(py, move || {
         probe_merge_native(&base, &adapter, &merged, &options)
     })?;
+    probe_dict(py, outcome, inputs, tokens)
+}
+
+fn probe_dict<'py>(
+    py: Python<'py>,
+    outcome: Supported<ProbeReport>,
+    inputs: usize,
+    tokens: usize,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("inputs", inputs)?;
     d.set_item("tokens", tokens)?;
