@@ -129,10 +129,6 @@ def merge_adapter(
     overwrite: bool = False,
     progress: bool = False,
     requantize: bool = False,
-    probe_base: str | os.PathLike[str] | None = None,
-    probe_inputs: int = 2,
-    probe_tokens: int = 8,
-    probe_seed: int = 0,
 ) -> dict[str, Any]: ...
 def read_adapter(adapter: str | os.PathLike[str]) -> dict[str, Any]: ...
 def combine_adapters(

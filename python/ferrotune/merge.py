@@ -22,7 +22,7 @@ from typing import Any
 
 from ferrotune import _native
 from ferrotune.errors import ConfigError
-from ferrotune.probe import DEFAULT_INPUTS, DEFAULT_THRESHOLD, DEFAULT_TOKENS, report_from_native
+from ferrotune.probe import DEFAULT_INPUTS, DEFAULT_THRESHOLD, DEFAULT_TOKENS, probe_merge
 
 
 def merge_adapter(
@@ -49,7 +49,6 @@ def merge_adapter(
     from: the merge then targets those, and the probe measures the difference against the 4-bit
     model the adapter was trained on. `requantize` writes the merged model back in 4 bits."""
     target = base if original is None else original
-    # The native probe's base and unmerged passes run beside the merge, its merged pass after.
     summary: dict[str, Any] = _native.merge_adapter(
         os.fspath(target),
         os.fspath(adapter),
@@ -57,20 +56,25 @@ def merge_adapter(
         overwrite=overwrite,
         progress=progress,
         requantize=requantize,
-        probe_base=os.fspath(base) if probe else None,
-        probe_inputs=probe_inputs,
-        probe_tokens=probe_tokens,
     )
     if probe:
         threshold = DEFAULT_THRESHOLD if probe_threshold is None else probe_threshold
         started = time.perf_counter()
         try:
-            summary["probe"] = report_from_native(summary["probe"], base, adapter, out, threshold=threshold)
+            summary["probe"] = probe_merge(
+                base,
+                adapter,
+                out,
+                inputs=probe_inputs,
+                tokens=probe_tokens,
+                threshold=threshold,
+                progress=progress,
+            )
         except ConfigError as err:
             # Only models neither probe covers get here (the merge itself is architecture-blind).
             summary["probe"] = None
             summary["warnings"].append(f"probe not run: {err}")
-        summary["probe_seconds"] += time.perf_counter() - started
+        summary["probe_seconds"] = time.perf_counter() - started
     return summary
 
 

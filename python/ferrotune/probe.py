@@ -102,10 +102,10 @@ def probe_merge(
         seed=seed,
         progress=progress,
     )
-    return report_from_native(result, base, adapter, merged, threshold=threshold, seed=seed)
+    return _report_from_native(result, base, adapter, merged, threshold=threshold, seed=seed)
 
 
-def report_from_native(
+def _report_from_native(
     result: dict[str, Any],
     base: str | os.PathLike[str],
     adapter: str | os.PathLike[str],

@@ -23,7 +23,6 @@
 //! one slab (one dequantized tensor for 4-bit weights), whatever the model size.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde_json::{Map, Value};
@@ -470,7 +469,6 @@ pub struct Forward<'a> {
     sequences: usize,
     tokens: usize,
     progress: bool,
-    cancel: Option<&'a AtomicBool>,
 }
 
 impl<'a> Forward<'a> {
@@ -501,14 +499,7 @@ impl<'a> Forward<'a> {
             sequences,
             tokens,
             progress: false,
-            cancel: None,
         })
-    }
-
-    /// Stops at the next layer with [`Error::Cancelled`] once `cancel` is set.
-    pub fn with_cancel(mut self, cancel: &'a AtomicBool) -> Self {
-        self.cancel = Some(cancel);
-        self
     }
 
     /// A progress line per second on stderr.
@@ -539,9 +530,6 @@ impl<'a> Forward<'a> {
         let mut last_report = start;
         let mut x = self.embed()?; // (rows, hidden)
         for i in 0..c.layers {
-            if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Err(Error::Cancelled);
-            }
             let p = |name: &str| format!("model.layers.{i}.{name}");
             let mut normed = x.clone();
             self.norm(&mut normed, hidden, &p("input_layernorm.weight"))?;

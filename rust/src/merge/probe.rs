@@ -1,6 +1,6 @@
 //! The check that ends every merge: merged versus unmerged logits on a few probe inputs, computed
-//! natively (`forward.rs`) in f32 from the memory-mapped checkpoints. The base and unmerged
-//! passes need no merged file, so [`merge_and_probe`] runs them while the merge streams.
+//! natively (`forward.rs`) in f32 from the memory-mapped checkpoints, after the merge (run beside
+//! it, on a 2-core machine, the passes only slowed the merge by as much as they took).
 //!
 //! Three variants of the model run over the same probe ids (uniform over the vocabulary, fixed by
 //! a seed):
@@ -15,11 +15,9 @@
 //! divergence exceeds a fraction of the adapter's effect.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use super::adapter::Adapter;
-use super::apply::{merge_adapter, MergeOptions, MergeSummary};
 use super::forward::{adapter_support, DecoderConfig, Forward, Supported, Variant};
 use crate::error::Result;
 use crate::io::Checkpoint;
@@ -88,9 +86,8 @@ fn max_abs_difference(a: &[f32], b: &[f32]) -> f64 {
     })
 }
 
-/// The half of the probe that needs only the base and the adapter (the base and unmerged
-/// logits), so it can run while the merge writes the merged checkpoint.
-pub struct ProbeStart {
+/// The half of the probe that needs only the base and the adapter: the base and unmerged logits.
+struct ProbeStart {
     config: DecoderConfig,
     ids: Vec<u32>,
     base: Vec<f32>,
@@ -100,13 +97,11 @@ pub struct ProbeStart {
 }
 
 /// Runs the base and unmerged variants on the probe ids, or says why the native forward pass
-/// cannot (an architecture or adapter part it does not implement). Stops with
-/// `Error::Cancelled` once `cancel` is set.
-pub fn probe_start(
+/// cannot (an architecture or adapter part it does not implement).
+fn probe_start(
     base_dir: &Path,
     adapter_dir: &Path,
     options: &ProbeOptions,
-    cancel: &AtomicBool,
 ) -> Result<Supported<ProbeStart>> {
     let start = Instant::now();
     let config = match DecoderConfig::read(base_dir)? {
@@ -136,7 +131,6 @@ pub fn probe_start(
     );
     let mut logits = Forward::new(&config, &variants, &ids, options.inputs, options.tokens)?
         .with_progress(options.progress)
-        .with_cancel(cancel)
         .logits()?;
     let unmerged = logits.pop().expect("two variants");
     let base_logits = logits.pop().expect("two variants");
@@ -151,7 +145,7 @@ pub fn probe_start(
 }
 
 /// Runs the merged checkpoint on the same ids and compares (see the module docs).
-pub fn probe_finish(start: ProbeStart, merged_dir: &Path) -> Result<ProbeReport> {
+fn probe_finish(start: ProbeStart, merged_dir: &Path) -> Result<ProbeReport> {
     let begin = Instant::now();
     let merged = Checkpoint::open(merged_dir)?;
     let variants = [Variant {
@@ -180,52 +174,18 @@ pub fn probe_finish(start: ProbeStart, merged_dir: &Path) -> Result<ProbeReport>
     })
 }
 
-/// The whole probe of a merge already written to `merged_dir`.
+/// Runs the base, unmerged and merged models on the probe inputs (see the module docs), or says
+/// why the native forward pass cannot (an architecture or adapter part it does not implement).
 pub fn probe_merge(
     base_dir: &Path,
     adapter_dir: &Path,
     merged_dir: &Path,
     options: &ProbeOptions,
 ) -> Result<Supported<ProbeReport>> {
-    match probe_start(base_dir, adapter_dir, options, &AtomicBool::new(false))? {
+    match probe_start(base_dir, adapter_dir, options)? {
         Ok(start) => Ok(Ok(probe_finish(start, merged_dir)?)),
         Err(why) => Ok(Err(why)),
     }
-}
-
-/// A merge followed by its probe: the base and unmerged passes of the probe run on a second
-/// thread while the merge streams (`probe_base_dir` is the model the adapter was trained on: the
-/// 4-bit base when the merge targets its original 16-bit weights), the merged pass after it.
-/// Returns the merge summary, the probe report (or why the native probe cannot run), and the
-/// seconds the probe added after the merge.
-pub fn merge_and_probe(
-    target_dir: &Path,
-    adapter_dir: &Path,
-    out_dir: &Path,
-    merge_options: &MergeOptions,
-    probe_base_dir: &Path,
-    probe_options: &ProbeOptions,
-) -> Result<(MergeSummary, Supported<ProbeReport>, f64)> {
-    let cancel = AtomicBool::new(false);
-    let (merged, started) = std::thread::scope(|scope| {
-        let early =
-            scope.spawn(|| probe_start(probe_base_dir, adapter_dir, probe_options, &cancel));
-        let merged = merge_adapter(target_dir, adapter_dir, out_dir, merge_options);
-        if merged.is_err() {
-            cancel.store(true, Ordering::Relaxed);
-        }
-        let started = early
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (merged, started)
-    });
-    let summary = merged?;
-    let after_merge = Instant::now();
-    let report = match started? {
-        Ok(start) => Ok(probe_finish(start, out_dir)?),
-        Err(why) => Err(why),
-    };
-    Ok((summary, report, after_merge.elapsed().as_secs_f64()))
 }
 
 /// The logits (sequences · tokens, vocab) of the model in `model_dir`, with the adapter in

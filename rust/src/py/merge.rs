@@ -15,8 +15,7 @@ use crate::merge::extract::{extract_adapter as extract_native, ExtractOptions};
 use crate::merge::forward::Supported;
 use crate::merge::gguf::{export_gguf as export_gguf_native, GgufType};
 use crate::merge::probe::{
-    merge_and_probe, model_logits, probe_ids, probe_merge as probe_merge_native, ProbeOptions,
-    ProbeReport,
+    model_logits, probe_ids, probe_merge as probe_merge_native, ProbeOptions, ProbeReport,
 };
 use crate::merge::quantized::{dequantize_weight, is_aux, quant_state};
 use crate::merge::{
@@ -188,14 +187,9 @@ fn read_adapter<'py>(py: Python<'py>, adapter: PathBuf) -> PyResult<Bound<'py, P
 }
 
 /// Merges the PEFT LoRA adapter folder `adapter` into the Hugging Face model `base` (folder,
-/// index or file), writing a complete model folder `out`. Returns a summary dict. With
-/// `probe_base` (the model the adapter was trained on), the native probe runs too, its base and
-/// unmerged passes beside the merge: `probe` is then the dict [`probe_merge`] returns, and
-/// `probe_seconds` the time it added after the merge.
+/// index or file), writing a complete model folder `out`. Returns a summary dict.
 #[pyfunction]
-#[pyo3(signature = (base, adapter, out, *, overwrite=false, progress=false, requantize=false,
-                    probe_base=None, probe_inputs=2, probe_tokens=8, probe_seed=0))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (base, adapter, out, *, overwrite=false, progress=false, requantize=false))]
 fn merge_adapter<'py>(
     py: Python<'py>,
     base: PathBuf,
@@ -204,35 +198,16 @@ fn merge_adapter<'py>(
     overwrite: bool,
     progress: bool,
     requantize: bool,
-    probe_base: Option<PathBuf>,
-    probe_inputs: usize,
-    probe_tokens: usize,
-    probe_seed: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = MergeOptions {
         overwrite,
         progress,
         requantize,
     };
-    let Some(probe_base) = probe_base else {
-        let s = run_detached(py, move || {
-            merge_adapter_native(&base, &adapter, &out, &options)
-        })?;
-        return merge_summary(py, &s);
-    };
-    let probe_options = ProbeOptions {
-        inputs: probe_inputs,
-        tokens: probe_tokens,
-        seed: probe_seed,
-        progress,
-    };
-    let (s, report, seconds) = run_detached(py, move || {
-        merge_and_probe(&base, &adapter, &out, &options, &probe_base, &probe_options)
+    let s = run_detached(py, move || {
+        merge_adapter_native(&base, &adapter, &out, &options)
     })?;
-    let d = merge_summary(py, &s)?;
-    d.set_item("probe", probe_dict(py, report, probe_inputs, probe_tokens)?)?;
-    d.set_item("probe_seconds", seconds)?;
-    Ok(d)
+    merge_summary(py, &s)
 }
 
 /// The merge probe, natively: base, unmerged (base + adapter beside it) and merged logits on
