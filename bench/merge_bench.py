@@ -145,7 +145,10 @@ def driver(args: argparse.Namespace) -> None:
         wall, r = timed([args.peer_python, args.peer_script, "--phase", "merge", "--data", args.data])
         peer_runs.append({"wall_s": wall, **r})
         print(f"rep {rep} peer: {json.dumps(peer_runs[-1])}", file=sys.stderr, flush=True)
-        for runs, extra in ((ours_runs, []), (ours_noprobe_runs, ["--no-probe"])):
+        ours_variants = [(ours_runs, []), (ours_noprobe_runs, ["--no-probe"])]
+        # alternate which of our two runs follows the peer (the first one shares the machine with
+        # the peer's late writeback)
+        for runs, extra in ours_variants if rep % 2 == 0 else ours_variants[::-1]:
             prepare(args.data, ("ours",))
             wall, r = timed([sys.executable, me, "--phase", "ours", "--data", args.data, *extra])
             runs.append({"wall_s": wall, **r})

@@ -27,7 +27,7 @@ pub fn matmul_transposed(
     n: usize,
     out_t: &mut [f32],
 ) {
-    let rows = if n == 0 { 0 } else { out_t.len() / n };
+    let rows = out_t.len().checked_div(n).unwrap_or(0);
     let row_bytes = in_dim * dtype.size();
     assert_eq!(
         w.len(),
@@ -81,52 +81,33 @@ fn dots(w: &[f32], rows: usize, in_dim: usize, x: &[f32], n: usize, out: &mut [f
     dots_plain(w, rows, in_dim, x, n, out);
 }
 
-/// [`dots_plain`] with AVX2 + FMA intrinsics: blocks of 4 weight rows x 2 inputs, eight 8-lane
-/// accumulators, so each weight load serves two inputs and each input load four rows.
+/// [`dots_plain`] with AVX2 + FMA intrinsics: blocks of 4 weight rows x 3 inputs, twelve 8-lane
+/// accumulators (enough independent FMA chains to hide their latency), so each weight load serves
+/// three inputs and each input load four rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dots_avx2(w: &[f32], rows: usize, in_dim: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    assert!(w.len() >= rows * in_dim && x.len() >= n * in_dim && out.len() >= rows * n);
     // SAFETY: the assert bounds every pointer offset below: rows · in_dim elements of w,
-    // n · in_dim of x; loads are unaligned.
+    // n · in_dim of x.
     unsafe {
-        use std::arch::x86_64::*;
-        assert!(w.len() >= rows * in_dim && x.len() >= n * in_dim && out.len() >= rows * n);
-        let body = in_dim / LANES * LANES;
         let mut r = 0;
         while r + 4 <= rows {
             let wp = [0, 1, 2, 3].map(|k| w.as_ptr().add((r + k) * in_dim));
             let mut t = 0;
-            while t + 2 <= n {
-                let (x0, x1) = (x.as_ptr().add(t * in_dim), x.as_ptr().add((t + 1) * in_dim));
-                let mut acc = [_mm256_setzero_ps(); 8];
-                let mut i = 0;
-                while i < body {
-                    let (a, b) = (_mm256_loadu_ps(x0.add(i)), _mm256_loadu_ps(x1.add(i)));
-                    for k in 0..4 {
-                        let wk = _mm256_loadu_ps(wp[k].add(i));
-                        acc[2 * k] = _mm256_fmadd_ps(wk, a, acc[2 * k]);
-                        acc[2 * k + 1] = _mm256_fmadd_ps(wk, b, acc[2 * k + 1]);
-                    }
-                    i += LANES;
-                }
-                for k in 0..4 {
-                    let (mut s0, mut s1) =
-                        (horizontal_sum(acc[2 * k]), horizontal_sum(acc[2 * k + 1]));
-                    for i in body..in_dim {
-                        let wv = *wp[k].add(i);
-                        s0 = wv.mul_add(*x0.add(i), s0);
-                        s1 = wv.mul_add(*x1.add(i), s1);
-                    }
-                    out[(r + k) * n + t] = s0;
-                    out[(r + k) * n + t + 1] = s1;
-                }
-                t += 2;
-            }
-            if t < n {
-                for k in 0..4 {
-                    out[(r + k) * n + t] =
-                        dot(&w[(r + k) * in_dim..][..in_dim], &x[t * in_dim..][..in_dim]);
-                }
+            while t < n {
+                let xp = |j: usize| x.as_ptr().add((t + j) * in_dim);
+                t += match n - t {
+                    1 => store(block_avx2::<1>(wp, [xp(0)], in_dim), out, r, t, n),
+                    2 => store(block_avx2::<2>(wp, [xp(0), xp(1)], in_dim), out, r, t, n),
+                    _ => store(
+                        block_avx2::<3>(wp, [xp(0), xp(1), xp(2)], in_dim),
+                        out,
+                        r,
+                        t,
+                        n,
+                    ),
+                };
             }
             r += 4;
         }
@@ -135,6 +116,63 @@ unsafe fn dots_avx2(w: &[f32], rows: usize, in_dim: usize, x: &[f32], n: usize, 
                 out[r * n + t] = dot(&w[r * in_dim..][..in_dim], &x[t * in_dim..][..in_dim]);
             }
         }
+    }
+}
+
+/// Writes `sums[j][k]` (input t + j, row r + k) into `out` (rows, n); returns T.
+#[inline(always)]
+fn store<const T: usize>(
+    sums: [[f32; 4]; T],
+    out: &mut [f32],
+    r: usize,
+    t: usize,
+    n: usize,
+) -> usize {
+    for (j, column) in sums.iter().enumerate() {
+        for (k, s) in column.iter().enumerate() {
+            out[(r + k) * n + t + j] = *s;
+        }
+    }
+    T
+}
+
+/// The dot products of 4 weight rows `wp` with `T` inputs `xp`, each `len` long:
+/// `[input][row]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block_avx2<const T: usize>(
+    wp: [*const f32; 4],
+    xp: [*const f32; T],
+    len: usize,
+) -> [[f32; 4]; T] {
+    use std::arch::x86_64::*;
+    let body = len / LANES * LANES;
+    // SAFETY: the caller guarantees `len` readable elements behind every pointer.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 4]; T];
+        let mut i = 0;
+        while i < body {
+            let xs = xp.map(|p| _mm256_loadu_ps(p.add(i)));
+            for k in 0..4 {
+                let wk = _mm256_loadu_ps(wp[k].add(i));
+                for j in 0..T {
+                    acc[j][k] = _mm256_fmadd_ps(wk, xs[j], acc[j][k]);
+                }
+            }
+            i += LANES;
+        }
+        let mut sums = [[0f32; 4]; T];
+        for j in 0..T {
+            for k in 0..4 {
+                let mut s = horizontal_sum(acc[j][k]);
+                for i in body..len {
+                    s = (*wp[k].add(i)).mul_add(*xp[j].add(i), s);
+                }
+                sums[j][k] = s;
+            }
+        }
+        sums
     }
 }
 
