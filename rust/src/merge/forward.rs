@@ -404,7 +404,8 @@ impl Stored<'_> {
     }
 
     /// Calls `each(bytes, first_row)` on consecutive slabs of rows (of `row_len` elements) of
-    /// the stored dtype; mapped pages are populated before and released after each slab.
+    /// the stored dtype; mapped pages are populated before (the next slab's while this one is
+    /// used) and released after each slab.
     fn for_each_slab(&self, row_len: usize, mut each: impl FnMut(&[u8], usize)) -> Result<()> {
         let row_bytes = row_len * self.dtype().size();
         let rows = self.shape().iter().product::<usize>() / row_len.max(1);
@@ -419,16 +420,36 @@ impl Stored<'_> {
             return Ok(());
         }
         let data = self.file.slice(self.info);
-        for first in (0..rows).step_by(per_slab) {
-            let end = (first + per_slab).min(rows);
-            let (begin, stop) = (
+        let slabs: Vec<(usize, usize)> = (0..rows)
+            .step_by(per_slab)
+            .map(|first| (first, (first + per_slab).min(rows)))
+            .collect();
+        let bytes_of = |(first, end): (usize, usize)| {
+            (
                 self.info.begin + first * row_bytes,
                 self.info.begin + end * row_bytes,
-            );
-            populate(self.file, begin, stop);
-            each(&data[first * row_bytes..end * row_bytes], first);
-            release(self.file, begin, stop);
+            )
+        };
+        let file = self.file;
+        if let Some(&slab) = slabs.first() {
+            let (begin, stop) = bytes_of(slab);
+            populate(file, begin, stop);
         }
+        // The next slab's pages are mapped on a helper thread while this one is computed.
+        std::thread::scope(|scope| {
+            for (k, &(first, end)) in slabs.iter().enumerate() {
+                let prefetch = slabs.get(k + 1).map(|&next| {
+                    let (begin, stop) = bytes_of(next);
+                    scope.spawn(move || populate(file, begin, stop))
+                });
+                each(&data[first * row_bytes..end * row_bytes], first);
+                let (begin, stop) = bytes_of((first, end));
+                release(file, begin, stop);
+                if let Some(handle) = prefetch {
+                    handle.join().expect("populate does not panic");
+                }
+            }
+        });
         Ok(())
     }
 }
