@@ -6,8 +6,8 @@ LoRA r=16 all-linear adapter under DATA/base and DATA/adapter (reused when prese
 Each rep, alternating peer and ours, each in a fresh interpreter with the same untimed preparation
 (old outputs removed, os.sync(), base + adapter read once so the page cache is warm):
   peer: `merge_peer.py --phase merge` (PEFT load -> merge_and_unload -> save_pretrained) in VENV_PEER
-  ours: `ferrotune merge DATA/base DATA/adapter DATA/ours` (the CLI, probe check included), and
-        once more with --no-probe
+  ours: `ferrotune merge DATA/base DATA/adapter DATA/ours` (its Python entry point, probe check
+        included; `torch_imported` records whether torch was imported), and once more with --no-probe
 Wall time of the whole process (interpreter start, imports, work), the peer's own in-process total,
 and each process's peak RSS (VmHWM). Then the two merged models are compared tensor by tensor.
 
@@ -59,6 +59,8 @@ def phase_ours(args: argparse.Namespace) -> None:
                 "probe_divergence": report.divergence if report else None,
                 "probe_relative": report.relative_divergence if report else None,
                 "probe_adapter_effect": report.adapter_effect if report else None,
+                "probe_engine": report.engine if report else None,
+                "torch_imported": "torch" in sys.modules,
                 "bytes_written": summary["bytes_written"],
                 "peak_rss_mb": vm_hwm_mb(),
             }
@@ -143,7 +145,10 @@ def driver(args: argparse.Namespace) -> None:
         wall, r = timed([args.peer_python, args.peer_script, "--phase", "merge", "--data", args.data])
         peer_runs.append({"wall_s": wall, **r})
         print(f"rep {rep} peer: {json.dumps(peer_runs[-1])}", file=sys.stderr, flush=True)
-        for runs, extra in ((ours_runs, []), (ours_noprobe_runs, ["--no-probe"])):
+        ours_variants = [(ours_runs, []), (ours_noprobe_runs, ["--no-probe"])]
+        # alternate which of our two runs follows the peer (the first one shares the machine with
+        # the peer's late writeback)
+        for runs, extra in ours_variants if rep % 2 == 0 else ours_variants[::-1]:
             prepare(args.data, ("ours",))
             wall, r = timed([sys.executable, me, "--phase", "ours", "--data", args.data, *extra])
             runs.append({"wall_s": wall, **r})

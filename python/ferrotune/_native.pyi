@@ -163,3 +163,20 @@ def export_gguf(
     model: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str = "f16", progress: bool = False
 ) -> dict[str, Any]: ...
 def read_dequantized(path: str | os.PathLike[str], prefix: str) -> list[tuple[str, NativeTensor]]: ...
+def probe_merge(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    merged: str | os.PathLike[str],
+    *,
+    inputs: int = 2,
+    tokens: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]: ...
+def probe_inputs(vocab: int, inputs: int, tokens: int, seed: int = 0) -> list[list[int]]: ...
+def probe_logits(
+    model: str | os.PathLike[str],
+    ids: Sequence[Sequence[int]],
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+) -> NativeTensor: ...

@@ -8,20 +8,21 @@ base's, so memory stays at a few tensors whatever the model size:
     W' = W + s · B A                          s = alpha / r  (rsLoRA: alpha / sqrt(r))
     W' = m ⊙ (W + s · B A) / ‖W + s · B A‖    DoRA, norm of each output row
 
-It ends with the probe check (`ferrotune.probe`): merged versus unmerged logits on a few inputs.
+It ends with the probe check (`ferrotune.probe`): merged versus unmerged logits on a few inputs,
+computed natively too, so the whole command never imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-import threading
 import time
 from typing import Any
 
 from ferrotune import _native
+from ferrotune.errors import ConfigError
+from ferrotune.probe import DEFAULT_INPUTS, DEFAULT_THRESHOLD, DEFAULT_TOKENS, probe_merge
 
 
 def merge_adapter(
@@ -35,20 +36,19 @@ def merge_adapter(
     progress: bool = False,
     original: str | os.PathLike[str] | None = None,
     requantize: bool = False,
+    probe_inputs: int = DEFAULT_INPUTS,
+    probe_tokens: int = DEFAULT_TOKENS,
 ) -> dict[str, Any]:
     """Merges `adapter` into `base`, writing the model folder `out`. Returns the native summary,
-    plus `probe` (a `ferrotune.probe.ProbeReport`) when `probe` is set.
+    plus `probe` (a `ferrotune.probe.ProbeReport`, on `probe_inputs` x `probe_tokens` ids) when
+    `probe` is set; when no probe can run on this model (an architecture neither the native pass
+    nor the torch reference covers), `probe` is None and a warning says why.
 
     For a 4-bit (bitsandbytes NF4/FP4) `base`, the merge targets its dequantized weights (those the
     adapter was trained against), unless `original` names the 16-bit checkpoint it was quantized
     from: the merge then targets those, and the probe measures the difference against the 4-bit
     model the adapter was trained on. `requantize` writes the merged model back in 4 bits."""
     target = base if original is None else original
-    # The probe needs torch, whose import takes seconds: it runs in a thread while the native
-    # merge (which releases the GIL) streams the checkpoint.
-    importer = threading.Thread(target=importlib.import_module, args=("ferrotune.probe",), daemon=True)
-    if probe:
-        importer.start()
     summary: dict[str, Any] = _native.merge_adapter(
         os.fspath(target),
         os.fspath(adapter),
@@ -58,12 +58,22 @@ def merge_adapter(
         requantize=requantize,
     )
     if probe:
-        importer.join()
-        from ferrotune.probe import DEFAULT_THRESHOLD, probe_merge
-
         threshold = DEFAULT_THRESHOLD if probe_threshold is None else probe_threshold
         started = time.perf_counter()
-        summary["probe"] = probe_merge(base, adapter, out, threshold=threshold)
+        try:
+            summary["probe"] = probe_merge(
+                base,
+                adapter,
+                out,
+                inputs=probe_inputs,
+                tokens=probe_tokens,
+                threshold=threshold,
+                progress=progress,
+            )
+        except ConfigError as err:
+            # Only models neither probe covers get here (the merge itself is architecture-blind).
+            summary["probe"] = None
+            summary["warnings"].append(f"probe not run: {err}")
         summary["probe_seconds"] = time.perf_counter() - started
     return summary
 
@@ -82,6 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="warn when merged vs unmerged logits differ by more than this fraction of the adapter's own "
         "effect on them (default 0.5)",
+    )
+    parser.add_argument(
+        "--probe-inputs", type=int, default=DEFAULT_INPUTS, help="probe sequences (default %(default)s)"
+    )
+    parser.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        help="tokens per probe sequence (default %(default)s)",
     )
     parser.add_argument(
         "--original",
@@ -107,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         original=args.original,
         requantize=args.requantize,
+        probe_inputs=args.probe_inputs,
+        probe_tokens=args.probe_tokens,
     )
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -5,7 +5,8 @@
 //! `base_model.model.M.lora_magnitude_vector` (out,) for DoRA, `base_model.model.M.lora_B.bias`
 //! (out,) with `lora_bias`, `base_model.model.M.lora_embedding_A` (r, vocab) and
 //! `...lora_embedding_B` (dim, r) for embeddings. Any other key `base_model.model.T` is a whole
-//! tensor `T` of the base model replaced by the adapter (`modules_to_save`, `bias="all"`).
+//! tensor `T` of the base model replaced by the adapter (`modules_to_save`, `bias="all"`;
+//! `M.base_layer.weight`, saved for targeted embeddings, replaces `M.weight`).
 //!
 //! Scaling: `alpha / r`, or `alpha / sqrt(r)` with `use_rslora`; `rank_pattern` / `alpha_pattern`
 //! override r and alpha for modules whose path matches `^(.*\.)?(PATTERN)$` (first match, in the
@@ -416,7 +417,13 @@ impl Adapter {
                     set(parts.entry(module.to_string()).or_default(), key.clone());
                 }
                 None => {
-                    replacements.insert(rest.to_string(), key.clone());
+                    // PEFT saves a targeted embedding's own weight (save_embedding_layers) as
+                    // `M.base_layer.weight`: it replaces `M.weight`.
+                    let target = match rest.rsplit_once(".base_layer.") {
+                        Some((module, leaf)) if !leaf.contains('.') => format!("{module}.{leaf}"),
+                        _ => rest.to_string(),
+                    };
+                    replacements.insert(target, key.clone());
                 }
             }
         }

@@ -40,8 +40,9 @@ pub struct MergeSummary {
 
 /// What happens to one base tensor.
 enum Action<'a> {
-    /// `W += s·BA` (and DoRA).
-    Lora(&'a LoraModule),
+    /// `W += s·BA` (and DoRA); W the adapter's own copy when it saved one (PEFT does for
+    /// targeted embeddings: `M.base_layer.weight`).
+    Lora(&'a LoraModule, Option<&'a str>),
     /// `bias += s·lora_B.bias`.
     LoraBias(&'a LoraModule),
     /// Replaced by the adapter's tensor (modules_to_save), cast to the base dtype.
@@ -117,7 +118,7 @@ impl<'a> LoraRewrite<'a> {
                     module.module
                 )));
             }
-            actions.insert(weight_name, Action::Lora(module));
+            actions.insert(weight_name, Action::Lora(module, None));
             if let Some(bias_key) = &module.bias {
                 let bias_name = format!("{}.bias", module.module);
                 let (_, bias) = base
@@ -149,12 +150,18 @@ impl<'a> LoraRewrite<'a> {
             }
             check_mergeable(t.dtype, name)?;
             check_mergeable(replacement.dtype, key)?;
-            if actions.insert(name.clone(), Action::Replace(key)).is_some() {
-                return Err(Error::format(
-                    &weights_path,
-                    key.clone(),
-                    "both replaced and LoRA-adapted",
-                ));
+            match actions.get_mut(name) {
+                None => {
+                    actions.insert(name.clone(), Action::Replace(key));
+                }
+                Some(Action::Lora(_, replaced @ None)) if self_copy(key) => *replaced = Some(key),
+                Some(_) => {
+                    return Err(Error::format(
+                        &weights_path,
+                        key.clone(),
+                        "both replaced and LoRA-adapted",
+                    ))
+                }
             }
         }
         Ok(LoraRewrite {
@@ -162,6 +169,26 @@ impl<'a> LoraRewrite<'a> {
             actions,
             quantized,
         })
+    }
+}
+
+/// Whether adapter key `key` is a module's own weight saved beside its LoRA (`M.base_layer.weight`).
+fn self_copy(key: &str) -> bool {
+    key.ends_with(".base_layer.weight")
+}
+
+impl LoraRewrite<'_> {
+    /// The adapter's tensor `key` as bytes of `dtype`.
+    fn replacement_bytes(&self, key: &str, dtype: crate::io::Dtype) -> Vec<u8> {
+        if self.adapter.info(key).dtype == dtype {
+            self.adapter
+                .weights
+                .bytes(key)
+                .expect("adapter key")
+                .to_vec()
+        } else {
+            tensor_from_f32(&self.adapter.tensor_f32(key), dtype)
+        }
     }
 }
 
@@ -203,7 +230,9 @@ impl TensorRewrite for LoraRewrite<'_> {
             return Ok(vec![base.to_vec()]); // a 4-bit weight without LoRA: dequantized only
         };
         let merged = match action {
-            Action::Lora(module) => {
+            Action::Lora(module, replaced) => {
+                let own_copy = replaced.map(|key| self.replacement_bytes(key, info.dtype));
+                let base = own_copy.as_deref().unwrap_or(base);
                 let a = self.adapter.tensor_f32(&module.a);
                 let b = self.adapter.tensor_f32(&module.b);
                 let scale = module.scale as f32;
@@ -227,18 +256,7 @@ impl TensorRewrite for LoraRewrite<'_> {
                 }
                 tensor_from_f32(&bias, info.dtype)
             }
-            Action::Replace(key) => {
-                let replacement = self.adapter.info(key);
-                if replacement.dtype == info.dtype {
-                    self.adapter
-                        .weights
-                        .bytes(key)
-                        .expect("adapter key")
-                        .to_vec()
-                } else {
-                    tensor_from_f32(&self.adapter.tensor_f32(key), info.dtype)
-                }
-            }
+            Action::Replace(key) => self.replacement_bytes(key, info.dtype),
         };
         Ok(vec![merged])
     }

@@ -98,7 +98,7 @@ pub fn merge_weight(w: &[u8], dtype: Dtype, delta: &LowRank, magnitude: Option<&
 }
 
 /// `acc += Σ_k coeff[k] · basis[k, :]` (basis is (coeff.len(), acc.len())).
-fn add_combination(acc: &mut [f32], coeff: &[f32], basis: &[f32]) {
+pub(crate) fn add_combination(acc: &mut [f32], coeff: &[f32], basis: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {

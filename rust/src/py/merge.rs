@@ -12,7 +12,11 @@ use crate::io::Checkpoint;
 use crate::merge::adapter::{Adapter, Layout};
 use crate::merge::combine::{combine_adapters as combine_native, CombineOptions, MajoritySign};
 use crate::merge::extract::{extract_adapter as extract_native, ExtractOptions};
+use crate::merge::forward::Supported;
 use crate::merge::gguf::{export_gguf as export_gguf_native, GgufType};
+use crate::merge::probe::{
+    model_logits, probe_ids, probe_merge as probe_merge_native, ProbeOptions, ProbeReport,
+};
 use crate::merge::quantized::{dequantize_weight, is_aux, quant_state};
 use crate::merge::{
     merge_adapter as merge_adapter_native, MergeOptions, MergeSummary, TargetModules,
@@ -206,6 +210,106 @@ fn merge_adapter<'py>(
     merge_summary(py, &s)
 }
 
+/// The merge probe, natively: base, unmerged (base + adapter beside it) and merged logits on
+/// `inputs` x `tokens` probe ids (seeded), in f32, streamed from the mapped checkpoints. Returns
+/// a dict: `supported` (False when the native forward pass does not cover the model or adapter;
+/// `reason` says why), `divergence`, `adapter_effect`, `max_logit`, `inputs`, `tokens`, `seconds`.
+#[pyfunction]
+#[pyo3(signature = (base, adapter, merged, *, inputs=2, tokens=8, seed=0, progress=false))]
+#[allow(clippy::too_many_arguments)]
+fn probe_merge<'py>(
+    py: Python<'py>,
+    base: PathBuf,
+    adapter: PathBuf,
+    merged: PathBuf,
+    inputs: usize,
+    tokens: usize,
+    seed: u64,
+    progress: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let options = ProbeOptions {
+        inputs,
+        tokens,
+        seed,
+        progress,
+    };
+    let outcome = run_detached(py, move || {
+        probe_merge_native(&base, &adapter, &merged, &options)
+    })?;
+    probe_dict(py, outcome, inputs, tokens)
+}
+
+fn probe_dict<'py>(
+    py: Python<'py>,
+    outcome: Supported<ProbeReport>,
+    inputs: usize,
+    tokens: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("inputs", inputs)?;
+    d.set_item("tokens", tokens)?;
+    match outcome {
+        Ok(report) => {
+            d.set_item("supported", true)?;
+            d.set_item("reason", py.None())?;
+            d.set_item("divergence", report.divergence)?;
+            d.set_item("adapter_effect", report.adapter_effect)?;
+            d.set_item("max_logit", report.max_logit)?;
+            d.set_item("seconds", report.seconds)?;
+        }
+        Err(reason) => {
+            d.set_item("supported", false)?;
+            d.set_item("reason", reason)?;
+        }
+    }
+    Ok(d)
+}
+
+/// The probe's token ids: `inputs` lists of `tokens` ids uniform below `vocab`, fixed by `seed`.
+#[pyfunction]
+#[pyo3(signature = (vocab, inputs, tokens, seed=0))]
+fn probe_inputs(vocab: usize, inputs: usize, tokens: usize, seed: u64) -> Vec<Vec<u32>> {
+    probe_ids(vocab, inputs, tokens, seed)
+        .chunks(tokens.max(1))
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+/// The native f32 forward pass of the model folder `model` (with the PEFT adapter folder
+/// `adapter` applied beside its weights, unmerged, when given) on `ids` (equal-length lists):
+/// logits (len(ids), tokens, vocab) f32. ValueError when the forward pass does not cover the
+/// model or adapter.
+#[pyfunction]
+#[pyo3(signature = (model, ids, *, adapter=None))]
+fn probe_logits(
+    py: Python<'_>,
+    model: PathBuf,
+    ids: Vec<Vec<u32>>,
+    adapter: Option<PathBuf>,
+) -> PyResult<NativeTensor> {
+    let (sequences, tokens) = (ids.len(), ids.first().map_or(0, Vec::len));
+    if ids.iter().any(|row| row.len() != tokens) {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "ids: every sequence must have the same length",
+        ));
+    }
+    let flat: Vec<u32> = ids.into_iter().flatten().collect();
+    let outcome = run_detached(py, move || {
+        model_logits(&model, adapter.as_deref(), &flat, sequences, tokens)
+    })?;
+    let logits = outcome.map_err(|why| {
+        pyo3::exceptions::PyValueError::new_err(format!(
+            "the native forward pass does not cover this: {why}"
+        ))
+    })?;
+    let vocab = logits.len() / (sequences * tokens).max(1);
+    Ok(NativeTensor::from_vec(
+        logits,
+        crate::io::Dtype::F32,
+        vec![sequences, tokens, vocab],
+    ))
+}
+
 /// The tensors of the checkpoint at `path` whose names start with `prefix`, 4-bit weights
 /// dequantized to their 16-bit dtype (their statistics left out), the others as zero-copy views.
 #[pyfunction]
@@ -256,5 +360,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(extract_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(export_gguf, m)?)?;
     m.add_function(wrap_pyfunction!(read_dequantized, m)?)?;
+    m.add_function(wrap_pyfunction!(probe_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(probe_inputs, m)?)?;
+    m.add_function(wrap_pyfunction!(probe_logits, m)?)?;
     Ok(())
 }
