@@ -558,22 +558,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn matmul_speed() {
-        let (rows, in_dim, n) = (5632, 2048, 32);
-        let w = crate::merge::convert::tensor_from_f32(&vec![0.5f32; rows * in_dim], Dtype::BF16);
-        let x = vec![0.25f32; n * in_dim];
-        let mut out = vec![0f32; rows * n];
-        let start = std::time::Instant::now();
-        for _ in 0..5 {
-            matmul_transposed(&w, Dtype::BF16, in_dim, &x, n, &mut out);
-        }
-        let secs = start.elapsed().as_secs_f64() / 5.0;
-        eprintln!("{:.2} GFMA/s", (rows * in_dim * n) as f64 / secs / 1e9);
-    }
-}
