@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 import torch
 from torch import nn
@@ -279,3 +279,30 @@ def require_mergeable_base(layer: nn.Module, method: str) -> None:
             f"cannot merge {method} into a {type(layer).__name__} in memory (its weight is quantized); "
             "use `ferrotune merge BASE ADAPTER OUT`, which merges into the dequantized or original weights"
         )
+
+
+class WrappedLM(nn.Module):
+    """The causal LM's surface for a wrapper that holds the LM as `base_model` (virtual tokens,
+    task routing): config, decoder stack, checkpointing switch and KV cache come from the LM."""
+
+    base_model: nn.Module
+
+    @property
+    def config(self) -> Any:
+        return self.base_model.config
+
+    @property
+    def model(self) -> nn.Module:
+        """The LM's decoder stack (`CausalLM.model`)."""
+        return self.base_model.model  # type: ignore[return-value]
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.base_model, "gradient_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.base_model.gradient_checkpointing = enabled
+
+    def make_kv_cache(self, batch_size: int, max_length: int) -> Any:
+        return self.base_model.make_kv_cache(batch_size, max_length)  # type: ignore[operator]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ferrotune.errors import ConfigError
-from ferrotune.peft.common import check_adapter_name
+from ferrotune.peft.common import WrappedLM, check_adapter_name
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (B, n_kv_heads, P, head_dim) twice
 
@@ -137,7 +137,7 @@ class PrefixEncoder(nn.Module):
             self.embedding.weight.copy_(value)
 
 
-class PrefixModel(nn.Module):
+class PrefixModel(WrappedLM):
     """A causal LM run with virtual tokens (prefix tuning, P-tuning v2, prompt tuning, P-tuning).
 
     It has the LM's call signature; `base_model` is the LM itself (its parameter names move under
@@ -151,27 +151,6 @@ class PrefixModel(nn.Module):
         self.active: dict[str, float] = {}
         self.disabled = False
         self._inference_cache: dict[tuple[Any, ...], PrefixKV] = {}
-
-    # -- the LM's surface (what the trainer and `generate` use)
-    @property
-    def config(self) -> Any:
-        return self.base_model.config
-
-    @property
-    def model(self) -> nn.Module:
-        """The LM's decoder stack (`CausalLM.model`)."""
-        return self.base_model.model
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.base_model, "gradient_checkpointing", False))
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enabled: bool) -> None:
-        self.base_model.gradient_checkpointing = enabled
-
-    def make_kv_cache(self, batch_size: int, max_length: int) -> Any:
-        return self.base_model.make_kv_cache(batch_size, max_length)
 
     # -- adapters
     def add_encoder(self, name: str, encoder: nn.Module) -> None:

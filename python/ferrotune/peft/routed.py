@@ -51,6 +51,7 @@ from torch import nn
 from ferrotune.errors import ConfigError, FormatError
 from ferrotune.peft import formats
 from ferrotune.peft.common import (
+    WrappedLM,
     adapter_layers,
     check_adapter_name,
     is_adapter_layer,
@@ -267,7 +268,7 @@ def _route(model: nn.Module, task_ids: torch.Tensor | None) -> None:
             module.task_ids = task_ids
 
 
-class RoutedModel(nn.Module):
+class RoutedModel(WrappedLM):
     """A causal LM whose forward routes each row (or token) to its task's adapters. Same call
     signature as the LM plus `task_ids`; `base_model` is the LM (with the shared adapter)."""
 
@@ -293,25 +294,6 @@ class RoutedModel(nn.Module):
         if self._prompt_kv is None:
             self._prompt_kv = self.prompts.task_kv(self.base_model)
         return self._prompt_kv
-
-    @property
-    def config(self) -> Any:
-        return self.base_model.config
-
-    @property
-    def model(self) -> nn.Module:
-        return self.base_model.model
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.base_model, "gradient_checkpointing", False))
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enabled: bool) -> None:
-        self.base_model.gradient_checkpointing = enabled
-
-    def make_kv_cache(self, batch_size: int, max_length: int) -> Any:
-        return self.base_model.make_kv_cache(batch_size, max_length)
 
     def route(self, task_ids: torch.Tensor | Sequence[int] | None) -> None:
         """Sets the routing for the following forwards: (B,) per row or (B, T) per token."""
