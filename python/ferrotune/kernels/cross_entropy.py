@@ -156,19 +156,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if want_dw else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         want_grad = want_dh or want_dw
+        # (N,) fp32 w_i / Z: each row's share of the loss, and the scale of its gradient row
+        scale = (
+            (1.0 / normalizer).expand(n_tokens)
+            if token_weights is None
+            else token_weights.float() / normalizer
+        )
         for start in range(0, n_tokens, chunk_size):
             h = hidden[start : start + chunk_size]  # (C, H)
             y = labels[start : start + chunk_size]  # (C,)
             logits = h @ weight.t()  # (C, V), hidden's dtype
-            w = None if token_weights is None else token_weights[start : start + chunk_size].float()  # (C,)
-            if w is None:
-                row_scale = (1.0 / normalizer).expand(len(y)).contiguous()  # (C,) fp32
-            else:  # w_i / Z: row i's gradient scales by its weight
-                row_scale = (w / normalizer).contiguous()
+            row_scale = scale[start : start + chunk_size].contiguous()  # (C,)
             fast = triton_runs_on(logits) and logits.is_contiguous()
             step = _rows_loss_and_grad_fast if fast else _rows_loss_and_grad_reference
             row_loss, grad = step(logits, y.contiguous(), row_scale, want_grad)
-            total += row_loss.sum() if w is None else (row_loss * w).sum()
+            total += (row_loss * row_scale).sum()
             if grad is None:
                 continue
             grad = grad.to(h.dtype)  # no-op unless autocast made the logits bf16 for fp32 hidden states
@@ -177,7 +179,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_dw:
                 grad_weight.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / normalizer
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):

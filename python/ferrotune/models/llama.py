@@ -638,17 +638,13 @@ class CausalLM(nn.Module):
                 hidden, head.weight, labels, normalizer=1.0, token_weights=token_weights
             )
         logits = head(hidden)  # a wrapped head (modules_to_save, LoRA on lm_head): full logits
-        if token_weights is not None:
-            losses = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none"
-            )  # ignore_index -100 gives 0
-            return (losses * token_weights.reshape(-1)).sum()
-        return F.cross_entropy(
+        losses = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             labels.reshape(-1),
             ignore_index=-100,
-            reduction="sum",
-        )
+            reduction="none",
+        )  # (B*T,), 0 where no loss is taken
+        return (losses if token_weights is None else losses * token_weights.reshape(-1)).sum()
 
     @property
     def gradient_checkpointing(self) -> bool:
