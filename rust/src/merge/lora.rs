@@ -193,18 +193,7 @@ pub fn merge_reference(
 mod tests {
     use super::*;
     use crate::merge::convert::{tensor_from_f32, tensor_to_f32};
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::merge::test_data::random;
 
     fn check(rows: usize, cols: usize, rank: usize, transposed: bool, dora: bool, dtype: Dtype) {
         let w = random(rows * cols, 1);
