@@ -16,6 +16,9 @@ pub mod quantized;
 pub mod stream;
 pub mod svd;
 
+pub use adapter::{Adapter, LoraConfig, TargetModules};
+pub use apply::{merge_adapter, MergeOptions, MergeSummary};
+
 /// Deterministic test data shared by the merge module's tests.
 #[cfg(test)]
 pub(crate) mod test_data {
@@ -32,6 +35,3 @@ pub(crate) mod test_data {
             .collect()
     }
 }
-
-pub use adapter::{Adapter, LoraConfig, TargetModules};
-pub use apply::{merge_adapter, MergeOptions, MergeSummary};
