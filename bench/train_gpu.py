@@ -247,7 +247,7 @@ CASES = {
     "lora8b_65k": lambda: train_case("lora8b_65k", L8B, "lora", 1, 65536, True, steps=2, warm=1),
     # QLoRA 8B on one 131,072-token sequence: every block checkpointed, block inputs in host memory
     "qlora8b_131k": lambda: train_case(
-        "qlora8b_131k", L8B, "qlora", 1, 131072, True, steps=2, warm=1, offload=True
+        "qlora8b_131k", L8B, "qlora", 1, 131072, True, steps=1, warm=1, offload=True
     ),
     "qlora8b_131k_nooffload": lambda: train_case(
         "qlora8b_131k_nooffload", L8B, "qlora", 1, 131072, True, steps=2, warm=1

@@ -6,12 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from ferrotune.kernels import (
+    add_rms_norm,
+    add_rms_norm_reference,
     apply_rope,
     apply_rope_reference,
     linear_cross_entropy,
     linear_cross_entropy_reference,
     rms_norm,
     rms_norm_reference,
+    shared_input_linears,
+    shared_input_linears_reference,
     swiglu,
     swiglu_linear,
     swiglu_linear_reference,
@@ -215,3 +219,73 @@ def test_model_fast_paths_match_the_reference_model():
     torch.testing.assert_close(fast_loss, ref_loss, atol=1e-5, rtol=1e-5)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def shared_linears_case(dtype, bias, device=DEVICE):
+    """x (2, 5, 24), three projections of widths 16, 8, 8 (q, k, v-like), upstream gradients."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 24, generator=g).to(device, dtype)
+    weights = [(0.2 * torch.randn(n, 24, generator=g)).to(device, dtype) for n in (16, 8, 8)]
+    biases = [torch.randn(n, generator=g).to(device, dtype) if bias else None for n in (16, 8, 8)]
+    ups = [torch.randn(2, 5, n, generator=g).to(device) for n in (16, 8, 8)]
+    return x, weights, biases, ups
+
+
+def shared_linears_grads(fn, x, weights, biases, ups, used=(True, True, True)):
+    """Outputs and gradients (x, each W, each b) when the outputs marked `used` enter the loss."""
+    leaves = [
+        t.detach().clone().requires_grad_(True) for t in (x, *weights, *[b for b in biases if b is not None])
+    ]
+    lx, lw = leaves[0], leaves[1:4]
+    lb = leaves[4:] if len(leaves) > 4 else [None, None, None]
+    outs = fn(lx, lw, lb)
+    sum((o.float() * u).sum() for o, u, keep in zip(outs, ups, used, strict=True) if keep).backward()
+    grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+    return [o.detach() for o in outs], grads
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 3e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("used", [(True, True, True), (True, False, True)])
+def test_shared_input_linears_match_separate_linears(dtype, tol, bias, used):
+    """q/k/v (or gate/up) as one node: the same outputs and gradients (x, every W and b) as the
+    separate linears autograd would run, also when one output takes no part in the loss."""
+    case = shared_linears_case(dtype, bias)
+    fast = shared_linears_grads(shared_input_linears, *case, used=used)
+    ref = shared_linears_grads(shared_input_linears_reference, *case, used=used)
+    assert_close_all(fast, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bf16 is a CUDA feature")
+def test_shared_input_linears_under_autocast_keep_fp32_weight_gradients():
+    x, weights, biases, ups = shared_linears_case(torch.float32, True)  # fp32 weights, bf16 compute
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = shared_linears_grads(shared_input_linears, x.bfloat16(), weights, biases, ups)
+        ref = shared_linears_grads(shared_input_linears_reference, x.bfloat16(), weights, biases, ups)
+    assert all(gw.dtype == torch.float32 for gw in fast[1][1:])
+    assert fast[1][0].dtype == torch.bfloat16
+    assert_close_all(fast, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 3e-2)])
+@pytest.mark.parametrize("use_sum", [True, False])
+def test_add_rms_norm_matches_the_add_then_the_norm(dtype, tol, use_sum):
+    """(x + r, RMSNorm(x + r)) fused: the same sum, normalised output and gradients (x, r, w) as
+    the two plain steps, whether or not the sum itself also feeds the loss (the residual stream)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 5, 96, generator=g).to(DEVICE, dtype)
+    r = torch.randn(3, 5, 96, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE, dtype)
+    up_h, up_y = (torch.randn(3, 5, 96, generator=g).to(DEVICE) for _ in range(2))
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, r, w)]
+        h, y = fn(*leaves, 1e-6)
+        loss = (y.float() * up_y).sum() + ((h.float() * up_h).sum() if use_sum else 0)
+        loss.backward()
+        return [h.detach(), y.detach()], [t.grad for t in leaves]
+
+    fast, ref = grads(add_rms_norm), grads(add_rms_norm_reference)
+    assert fast[0][0].dtype == ref[0][0].dtype and fast[0][1].dtype == ref[0][1].dtype
+    assert torch.equal(fast[0][0], ref[0][0])  # the sum rounds exactly as torch's add
+    assert_close_all(fast, ref, atol=tol, rtol=tol)

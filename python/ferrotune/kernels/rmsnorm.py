@@ -34,12 +34,32 @@ if HAVE_TRITON:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
+    def _add_rms_forward(
+        X, R, H, W, Y, RSTD, stride_x, stride_r, stride_h, stride_y, n_cols, eps, BLOCK: tl.constexpr
+    ):
+        """h = x + r (rounded to h's dtype, as torch's add rounds it), y = RMSNorm(h)."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, h, mask=mask)
+        h = h.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        h_hat = (h * rstd).to(w.dtype)
+        tl.store(Y + row * stride_y + cols, (w * h_hat).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
     def _rms_backward(
         DY,
         X,
         W,
         RSTD,
         DX,
+        DRES,
         DW_PARTIAL,
         stride_dy,
         stride_x,
@@ -48,6 +68,7 @@ if HAVE_TRITON:
         n_cols,
         rows_per_program,
         BLOCK: tl.constexpr,
+        HAS_RES: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -64,6 +85,8 @@ if HAVE_TRITON:
                 x_hat = x * rstd
                 g = dy * w
                 dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+                if HAS_RES:  # the gradient reaching x by its other path (x also feeds a residual add)
+                    dx += tl.load(DRES + row * stride_dx + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
                 x_hat_cast = x_hat.to(W.dtype.element_ty).to(tl.float32)
                 dw += dy * x_hat_cast
@@ -95,19 +118,85 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        dy2 = dy.reshape(-1, n_cols).contiguous()
-        dx = torch.empty_like(x2)
-        programs = min(n_rows, 4 * _sm_count(x2.device)) or 1
-        rows_per_program = triton.cdiv(n_rows, programs)
-        dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
-        block = triton.next_power_of_2(n_cols)
-        _rms_backward[(programs,)](
-            dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
-            n_rows, n_cols, rows_per_program, BLOCK=block,
-        )  # fmt: skip
-        dw = dw_partial.sum(0).to(weight.dtype)
+        dx, dw = _rms_norm_backward(x2, weight, rstd, dy, None)
         return dx.view(ctx.shape), dw, None
+
+
+def _rms_norm_backward(
+    x2: torch.Tensor,  # (N, H), the normalised input
+    weight: torch.Tensor,  # (H,)
+    rstd: torch.Tensor,  # (N,) fp32
+    dy: torch.Tensor,  # (..., H)
+    dres: torch.Tensor | None,  # (..., H): x's gradient by its other path, added into dx
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, n_cols = x2.shape
+    dy2 = dy.reshape(-1, n_cols).contiguous()
+    dx = torch.empty_like(x2)
+    dres2 = dres.reshape(-1, n_cols).to(x2.dtype).contiguous() if dres is not None else dx
+    programs = min(n_rows, 4 * _sm_count(x2.device)) or 1
+    rows_per_program = triton.cdiv(n_rows, programs)
+    dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
+    block = triton.next_power_of_2(n_cols)
+    _rms_backward[(programs,)](
+        dy2, x2, weight, rstd, dx, dres2, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
+        n_rows, n_cols, rows_per_program, BLOCK=block, HAS_RES=dres is not None,
+    )  # fmt: skip
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """(h, y) = (x + r, RMSNorm(x + r)) in one pass; backward adds h's own gradient (from its
+    other use, the residual stream) into the norm's input gradient in the same kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()  # (N, H)
+        r2 = r.reshape(-1, shape[-1]).contiguous()  # (N, H)
+        n_rows, n_cols = x2.shape
+        h_dtype = torch.promote_types(x.dtype, r.dtype)
+        h = torch.empty(n_rows, n_cols, dtype=h_dtype, device=x.device)
+        y = torch.empty(n_rows, n_cols, dtype=torch.promote_types(weight.dtype, h_dtype), device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n_cols)
+        _add_rms_forward[(n_rows,)](
+            x2, r2, h, weight, y, rstd, x2.stride(0), r2.stride(0), h.stride(0), y.stride(0), n_cols, eps,
+            BLOCK=block,
+        )  # fmt: skip
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.shape, ctx.x_dtype, ctx.r_dtype = shape, x.dtype, r.dtype
+        return h.view(shape), y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor | None, dy: torch.Tensor | None):
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:  # the normalised output took no part in the loss
+            dsum, dw = dh, None
+        else:
+            dsum, dw = _rms_norm_backward(h, weight, rstd, dy, dh)
+        if dsum is None:
+            return None, None, dw, None
+        dsum = dsum.view(ctx.shape)
+        return dsum.to(ctx.x_dtype), dsum.to(ctx.r_dtype), dw, None
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add then Llama's RMSNorm, as two plain steps."""
+    h = x + r
+    return h, rms_norm_reference(h, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + r and RMSNorm(h) over the last dimension: one Triton kernel each way where it runs
+    (h is written once and never re-read in forward; its gradient is summed in the norm's
+    backward kernel), else the reference."""
+    if triton_runs_on(x) and x.shape == r.shape:
+        return _AddRMSNorm.apply(x, r, weight, eps)
+    return add_rms_norm_reference(x, r, weight, eps)
 
 
 def _sm_count(device: torch.device) -> int:

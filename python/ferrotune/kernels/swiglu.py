@@ -28,16 +28,21 @@ if HAVE_TRITON:
         tl.store(H + offs, silu * u, mask=mask)
 
     @triton.jit
-    def _swiglu_backward(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
+    def _swiglu_backward(DH, G, U, DG, DU, H, n, BLOCK: tl.constexpr, WRITE_H: tl.constexpr):
+        """dg, du from dh, g, u; with WRITE_H also the forward's h = silu(g) * u, rounded as the
+        forward kernel rounds it (for the down projection's weight gradient)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        u_stored = tl.load(U + offs, mask=mask, other=0.0)
+        u = u_stored.to(tl.float32)
         s = tl.sigmoid(g)
         silu = g * s
         tl.store(DU + offs, (dh * silu).to(DU.dtype.element_ty), mask=mask)
         tl.store(DG + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(DG.dtype.element_ty), mask=mask)
+        if WRITE_H:
+            tl.store(H + offs, silu.to(u_stored.dtype) * u_stored, mask=mask)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ class _SwiGLU(torch.autograd.Function):
         dh = dh.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
         n = dh.numel()
-        _swiglu_backward[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dg, du, n, BLOCK=_BLOCK)
+        _swiglu_backward[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dg, du, dg, n, BLOCK=_BLOCK, WRITE_H=False)
         return dg, du
 
 
@@ -87,21 +92,27 @@ class _SwiGLULinear(torch.autograd.Function):
     def backward(ctx, dy):
         gate, up, weight = ctx.saved_tensors
         with torch.no_grad():
-            h = swiglu(gate, up)  # recomputed: (..., I)
+            dy2 = dy.reshape(-1, dy.shape[-1])  # (N, O)
             dh = dy @ weight  # (..., I)
-            dy2, h2 = dy.reshape(-1, dy.shape[-1]), h.reshape(-1, h.shape[-1])  # (N, O), (N, I)
-            dweight = (dy2.t() @ h2).to(weight.dtype) if ctx.needs_input_grad[2] else None
-            dbias = dy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+            need_weight = ctx.needs_input_grad[2]
             if triton_runs_on(gate):
+                # one pass over g, u and dh gives dg, du and the recomputed product h
                 dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+                h = torch.empty_like(up) if need_weight else dgate  # (..., I); unused when no dW
                 dh = dh.to(gate.dtype).contiguous()
                 n = dh.numel()
-                _swiglu_backward[(triton.cdiv(n, _BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=_BLOCK)
+                _swiglu_backward[(triton.cdiv(n, _BLOCK),)](
+                    dh, gate, up, dgate, dup, h, n, BLOCK=_BLOCK, WRITE_H=need_weight
+                )
             else:
+                h = swiglu(gate, up)  # recomputed: (..., I)
                 g32, u32, dh32 = gate.float(), up.float(), dh.float()  # (..., I)
                 sig = torch.sigmoid(g32)
                 dup = (dh32 * g32 * sig).to(up.dtype)
                 dgate = (dh32 * u32 * sig * (1 + g32 * (1 - sig))).to(gate.dtype)
+            h2 = h.reshape(-1, h.shape[-1])  # (N, I)
+            dweight = (dy2.t() @ h2).to(weight.dtype) if need_weight else None
+            dbias = dy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return dgate, dup, dweight, dbias
 
 

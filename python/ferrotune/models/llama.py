@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ferrotune import kernels
 from ferrotune.errors import ConfigError
+from ferrotune.kernels._dispatch import triton_runs_on
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -354,6 +355,24 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------
 
 
+def project(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """Each projection of the same input x (q, k, v; gate, up). Plain `nn.Linear`s on the fast
+    path become one node whose backward sums the input gradient inside the GEMMs
+    (`kernels.shared_input_linears`); adapters and quantized layers run as their own modules."""
+    if triton_runs_on(x) and all(type(p) is nn.Linear for p in projections):
+        linears = cast(tuple[nn.Linear, ...], projections)
+        return kernels.shared_input_linears(x, [p.weight for p in linears], [p.bias for p in linears])
+    return tuple(p(x) for p in projections)
+
+
+def add_then_norm(x: torch.Tensor, r: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, norm(x + r)): one fused kernel each way for an RMSNorm on the fast path."""
+    if type(norm) is RMSNorm:
+        return kernels.add_rms_norm(x, r, norm.weight, norm.eps)
+    h = x + r
+    return h, norm(h)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
@@ -378,9 +397,10 @@ class Attention(nn.Module):
         prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, length, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere;
@@ -420,9 +440,11 @@ class MLP(nn.Module):
         if self.act is F.silu and type(self.down_proj) is nn.Linear and x.is_cuda:
             # Plain down projection: the fused path that recomputes silu(g) * u in backward.
             down = self.down_proj
-            return kernels.swiglu_linear(self.gate_proj(x), self.up_proj(x), down.weight, down.bias)
+            return kernels.swiglu_linear(*project(x, (self.gate_proj, self.up_proj)), down.weight, down.bias)
         if self.act is F.silu:
-            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))  # fused on CUDA
+            return self.down_proj(
+                kernels.swiglu(*project(x, (self.gate_proj, self.up_proj)))
+            )  # fused on CUDA
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -452,8 +474,8 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv)
         if self.attn_adapter is not None:
             attn = self.attn_adapter(attn)
-        h = x + attn
-        mlp = self.mlp(self.post_attention_layernorm(h))
+        h, normed = add_then_norm(x, attn, self.post_attention_layernorm)  # h = x + attn
+        mlp = self.mlp(normed)
         if self.mlp_adapter is not None:
             mlp = self.mlp_adapter(mlp)
         return h + mlp
