@@ -38,7 +38,7 @@ from torch import nn
 
 from ferrotune.errors import ConfigError
 from ferrotune.kernels import lora_linear
-from ferrotune.kernels.lora import fused_lora_mode, fused_lora_runs_on
+from ferrotune.kernels.lora import fused_lora_runs_on
 from ferrotune.peft.common import (
     check_adapter_name,
     find_targets,
@@ -241,10 +241,6 @@ class LoraLinear(nn.Module):
         if not (autocast or same_dtype) or not isinstance(dropout, (nn.Dropout, nn.Identity)):
             return None
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        if p > 0 and x.is_cuda and fused_lora_mode() != "always":
-            # With dropout on CUDA the node's mask was seen to differ from nn.Dropout's in a few
-            # elements (bf16); its redraw from the plain path's own input awaits a GPU check.
-            return None
         scaling = adapter_weight * self.scaling[name]
         return lora_linear(x, weight, base.bias, a, b, scaling, p)  # type: ignore[arg-type]
 
