@@ -152,8 +152,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_dw = ctx.needs_input_grad[1] and grad_enabled
         grad_hidden = torch.empty_like(hidden) if want_dh else None
         # dW accumulates across chunks in W's dtype through addmm (fp32 accumulation inside each
-        # GEMM, one rounding per chunk), as a bf16 weight's own gradient would be anyway.
-        grad_weight = torch.zeros_like(weight) if want_dw else None
+        # GEMM, one rounding per chunk), as a bf16 weight's own gradient would be anyway; the first
+        # chunk's GEMM creates it (no zero fill, no read of zeros).
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         want_grad = want_dh or want_dw
         # (N,) fp32 w_i / Z: each row's share of the loss, and the scale of its gradient row
@@ -177,20 +178,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_dh:
                 grad_hidden[start : start + chunk_size] = grad @ weight
             if want_dw:
-                grad_weight.addmm_(grad.t(), h)
+                if grad_weight is None:
+                    grad_weight = (grad.t() @ h).to(weight.dtype)  # (V, H)
+                else:
+                    grad_weight.addmm_(grad.t(), h)
+        if want_dw and grad_weight is None:  # no rows at all
+            grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
-        stored = [g for g in (grad_hidden, grad_weight) if g is not None]
-        # One multi-tensor launch: a plain `g * grad_out` broadcasts the 0-dim upstream gradient
-        # through PyTorch's slow strided kernel (about 1 ms for a 128k x 2048 head).
-        scaled = iter(torch._foreach_mul(stored, grad_out)) if stored else iter(())
-        dh = next(scaled) if grad_hidden is not None else None
-        dw = next(scaled) if grad_weight is not None else None
-        return dh, dw, None, None, None, None, None
+        # The gradients were computed in forward for an upstream gradient of 1. A loss
+        # differentiated as it is (the usual case) returns them untouched: checking costs one host
+        # sync, where scaling a 128k x 2048 head's gradient costs a read and a write of it. Any
+        # other upstream gradient scales them in place.
+        if not bool(grad_out == 1):
+            for g in (grad_hidden, grad_weight):
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(
