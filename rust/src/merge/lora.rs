@@ -68,12 +68,26 @@ impl LowRank {
 /// Merges `delta` into the weight `w` (bytes of `dtype`, (rows, cols)), returning the merged
 /// weight in the same dtype. With `magnitude` (rows,), applies DoRA's row renormalisation.
 pub fn merge_weight(w: &[u8], dtype: Dtype, delta: &LowRank, magnitude: Option<&[f32]>) -> Vec<u8> {
+    let mut out = vec![0u8; w.len()];
+    merge_weight_into(w, dtype, delta, magnitude, &mut out);
+    out
+}
+
+/// [`merge_weight`] into `out` (bytes of `dtype`, the size of `w`): every byte of `out` is
+/// written, so it may be a fresh page of an output file (see `io::MappedSafetensorsWriter`).
+pub fn merge_weight_into(
+    w: &[u8],
+    dtype: Dtype,
+    delta: &LowRank,
+    magnitude: Option<&[f32]>,
+    out: &mut [u8],
+) {
     let (rows, cols) = (delta.rows, delta.cols);
     let row_bytes = cols * dtype.size();
     assert_eq!(w.len(), rows * row_bytes, "weight and update shapes differ");
-    let mut out = vec![0u8; w.len()];
+    assert_eq!(out.len(), w.len(), "output and weight sizes differ");
     if out.is_empty() {
-        return out;
+        return;
     }
     const ROWS_PER_TASK: usize = 16;
     let rank = delta.rank;
@@ -109,7 +123,6 @@ pub fn merge_weight(w: &[u8], dtype: Dtype, delta: &LowRank, magnitude: Option<&
                 from_f32(row, dtype, out_row);
             }
         });
-    out
 }
 
 /// `rows (m, n) += coeff (m, r) @ basis (r, n)`: row `i` gets `Σ_k coeff[i, k] · basis[k, :]`,
