@@ -6,8 +6,11 @@
 //!
 //! - Reserving the blocks first turns a full disk into a clean error at [`create`] time: writes
 //!   through a map have no way to report `ENOSPC` other than `SIGBUS`.
-//! - [`MappedTensor::populate`] maps a tensor's pages in one call (`MADV_POPULATE_WRITE`) before it
-//!   is filled; [`MappedTensor::release`] drops them from the process once it is (`MADV_DONTNEED`:
+//! - A tensor's pages are faulted in as it is filled, not populated ahead (`MADV_POPULATE_WRITE`):
+//!   every new page of the file is zero-filled by the kernel first, and filled right after, a
+//!   folio at a time, it is still in cache when overwritten (measured on the 2.2 GB merge: ~0.4 s
+//!   less system time than populating a whole tensor first).
+//! - [`MappedTensor::release`] drops a filled tensor's pages from the process (`MADV_DONTNEED`:
 //!   the dirty pages stay in the page cache, nothing is lost) and starts their writeback
 //!   (`sync_file_range`), so the resident set stays at the tensors in flight and the final fsync
 //!   waits only for the tail.
@@ -167,7 +170,7 @@ impl MappedTensor<'_> {
         self.bytes.is_empty()
     }
 
-    /// Consecutive pieces of at most `size` bytes, each with its own populate and release.
+    /// Consecutive pieces of at most `size` bytes, each released on its own.
     pub fn chunks(&mut self, size: usize) -> Vec<MappedTensor<'_>> {
         let (file, mut offset) = (self.file, self.offset);
         self.bytes
@@ -182,13 +185,6 @@ impl MappedTensor<'_> {
                 chunk
             })
             .collect()
-    }
-
-    /// Maps every page of the tensor writable in one call, instead of one fault per page as it
-    /// is filled (a hint: ignored where the kernel predates `MADV_POPULATE_WRITE`).
-    pub fn populate(&mut self) {
-        #[cfg(target_os = "linux")]
-        advise(self.bytes, libc::MADV_POPULATE_WRITE);
     }
 
     /// Drops the tensor's pages from this process (they stay dirty in the page cache) and starts
@@ -326,7 +322,6 @@ mod tests {
             .zip(contents)
             .for_each(|(mut tensor, bytes)| {
                 for (i, mut chunk) in tensor.chunks(4096).into_iter().enumerate() {
-                    chunk.populate();
                     let n = chunk.len();
                     chunk
                         .bytes_mut()

@@ -281,7 +281,6 @@ fn write_shard_mapped(
                     Plan::Copy => copy_mapped(file, info, &mut outs[0]),
                     _ => {
                         populate(file, info);
-                        outs.iter_mut().for_each(MappedTensor::populate);
                         let mut slices: Vec<&mut [u8]> =
                             outs.iter_mut().map(MappedTensor::bytes_mut).collect();
                         rewrite.compute_into(source, info, &mut slices)?;
@@ -298,8 +297,8 @@ fn write_shard_mapped(
     Ok(written)
 }
 
-/// Copies a tensor of `file` into `out` in parallel chunks, each populated and released on both
-/// sides so neither the input nor the output accumulates in the resident set.
+/// Copies a tensor of `file` into `out` in parallel chunks, each released on both sides once
+/// copied, so neither the input nor the output accumulates in the resident set.
 fn copy_mapped(file: &SafeTensors, info: &TensorInfo, out: &mut MappedTensor) {
     let source = file.slice(info);
     out.chunks(COPY_CHUNK)
@@ -309,7 +308,6 @@ fn copy_mapped(file: &SafeTensors, info: &TensorInfo, out: &mut MappedTensor) {
         .for_each(|(index, (mut chunk, bytes))| {
             let begin = info.begin + index * COPY_CHUNK;
             populate_range(file, begin, bytes.len());
-            chunk.populate();
             chunk.bytes_mut().copy_from_slice(bytes);
             chunk.release();
             release_range(file, begin, bytes.len());
