@@ -8,7 +8,9 @@
 //! (r, cols) the shared basis, in the stored layout of W: for `nn.Linear` C = s·B and P = A; for
 //! transposed layouts (fan_in_fan_out Conv1D, embeddings) C = s·Aᵀ and P = Bᵀ. Each output row is
 //! then W_i + Σ_k C_ik P_k: r fused multiply-adds per element, rows in parallel (rayon), the
-//! basis small enough to stay in cache. [`merge_reference`] is the plain triple loop beside it.
+//! basis small enough to stay in cache. BF16 weights without DoRA skip the f32 working rows: each
+//! block of four rows goes from stored bytes to stored bytes in registers (`merge_bf16_rows`),
+//! bit for bit the same result. [`merge_reference`] is the plain triple loop beside it.
 
 use rayon::prelude::*;
 
