@@ -345,6 +345,28 @@ mod tests {
     }
 
     #[test]
+    fn only_missing_support_falls_back_and_a_full_disk_is_an_error() {
+        for code in [libc::EOPNOTSUPP, libc::ENOSYS, libc::EINVAL, libc::ENODEV] {
+            assert!(
+                unsupported(&std::io::Error::from_raw_os_error(code)),
+                "{code}"
+            );
+        }
+        for code in [
+            libc::ENOSPC,
+            libc::EDQUOT,
+            libc::EFBIG,
+            libc::EIO,
+            libc::EACCES,
+        ] {
+            assert!(
+                !unsupported(&std::io::Error::from_raw_os_error(code)),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
     fn dropped_unfinished_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.safetensors");
