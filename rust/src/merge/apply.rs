@@ -6,11 +6,11 @@ use std::path::Path;
 
 use super::adapter::{Adapter, Layout, LoraModule};
 use super::convert::{check_mergeable, tensor_from_f32, tensor_to_f32};
-use super::lora::{merge_weight_into, LowRank};
+use super::lora::{merge_weight_into, merge_weight_to, LowRank};
 use super::quantized::{dequantize_weight, is_aux, quant_state, QuantState};
 use super::stream::{
     copy_computed, copy_side_files, prepare_out_dir, rewrite_checkpoint, Plan, StreamSummary,
-    TensorRewrite,
+    TensorOutput, TensorRewrite,
 };
 use crate::error::{Error, Result};
 use crate::io::{Checkpoint, TensorInfo, TensorSpec};
@@ -233,7 +233,8 @@ impl TensorRewrite for LoraRewrite<'_> {
         let merged = match action {
             Action::Lora(module, replaced) => {
                 let mut merged = vec![0u8; base.len()];
-                self.merge_lora(base, info.dtype, module, *replaced, &mut merged);
+                let out = MergeOutput::Whole(&mut merged);
+                self.merge_lora(base, info.dtype, module, *replaced, out)?;
                 merged
             }
             Action::LoraBias(module) => {
@@ -251,25 +252,37 @@ impl TensorRewrite for LoraRewrite<'_> {
         Ok(vec![merged])
     }
 
-    /// LoRA weights of a 16-bit base are merged straight into `outs` (the output file's pages);
-    /// everything else is computed, then copied.
+    /// LoRA weights of a 16-bit base are written a few rows at a time as they are merged;
+    /// everything else is computed, then written whole.
     fn compute_into(
         &self,
         source: &Checkpoint,
         info: &TensorInfo,
-        outs: &mut [&mut [u8]],
+        outs: &[&dyn TensorOutput],
     ) -> Result<()> {
-        match (self.actions.get(&info.name), &mut outs[..]) {
+        match (self.actions.get(&info.name), outs) {
             (Some(Action::Lora(module, replaced)), [out])
                 if !self.quantized.contains_key(&info.name) =>
             {
                 let base = source.bytes(&info.name).expect("planned tensors exist");
-                self.merge_lora(base, info.dtype, module, *replaced, out);
-                Ok(())
+                let emit = |at: usize, bytes: &[u8]| out.write_at(at, bytes);
+                self.merge_lora(
+                    base,
+                    info.dtype,
+                    module,
+                    *replaced,
+                    MergeOutput::Pieces(&emit),
+                )
             }
             _ => copy_computed(&self.compute(source, info)?, outs),
         }
     }
+}
+
+/// Where [`LoraRewrite::merge_lora`] puts the merged weight.
+enum MergeOutput<'a> {
+    Whole(&'a mut [u8]),
+    Pieces(&'a (dyn Fn(usize, &[u8]) -> Result<()> + Sync)),
 }
 
 impl LoraRewrite<'_> {
@@ -281,8 +294,8 @@ impl LoraRewrite<'_> {
         dtype: crate::io::Dtype,
         module: &LoraModule,
         replaced: Option<&str>,
-        out: &mut [u8],
-    ) {
+        out: MergeOutput,
+    ) -> Result<()> {
         let own_copy = replaced.map(|key| self.replacement_bytes(key, dtype));
         let base = own_copy.as_deref().unwrap_or(base);
         let a = self.adapter.tensor_f32(&module.a);
@@ -296,7 +309,15 @@ impl LoraRewrite<'_> {
             .magnitude
             .as_ref()
             .map(|k| self.adapter.tensor_f32(k));
-        merge_weight_into(base, dtype, &delta, magnitude.as_deref(), out);
+        match out {
+            MergeOutput::Whole(out) => {
+                merge_weight_into(base, dtype, &delta, magnitude.as_deref(), out);
+                Ok(())
+            }
+            MergeOutput::Pieces(emit) => {
+                merge_weight_to(base, dtype, &delta, magnitude.as_deref(), emit)
+            }
+        }
     }
 }
 
@@ -488,7 +509,7 @@ mod tests {
         let base = Checkpoint::open(&base_dir).unwrap();
         let rewrite = LoraRewrite::new(&adapter, &base, &base_dir).unwrap();
         for (name, path) in [
-            ("mapped", WritePath::Mapped),
+            ("reserved", WritePath::Reserved),
             ("buffered", WritePath::Buffered),
         ] {
             let out = dir.path().join(name);
@@ -497,8 +518,8 @@ mod tests {
                 rewrite_checkpoint_with(&base, &base_dir, &out, &rewrite, false, path).unwrap();
             assert_eq!((summary.tensors_rewritten, summary.tensors_copied), (2, 2));
         }
-        assert_same_files(&dir.path().join("mapped"), &dir.path().join("buffered"));
-        let merged = Checkpoint::open(dir.path().join("mapped")).unwrap();
+        assert_same_files(&dir.path().join("reserved"), &dir.path().join("buffered"));
+        let merged = Checkpoint::open(dir.path().join("reserved")).unwrap();
         for name in ["model.embed_tokens.weight", "model.norm.weight"] {
             assert_eq!(merged.bytes(name), base.bytes(name), "{name} copied");
         }

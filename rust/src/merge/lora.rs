@@ -75,8 +75,11 @@ pub fn merge_weight(w: &[u8], dtype: Dtype, delta: &LowRank, magnitude: Option<&
     out
 }
 
-/// [`merge_weight`] into `out` (bytes of `dtype`, the size of `w`): every byte of `out` is
-/// written, so it may be a fresh page of an output file (see `io::MappedSafetensorsWriter`).
+/// Output rows (of W) per parallel task: decoded, updated and rounded together.
+const ROWS_PER_TASK: usize = 16;
+
+/// [`merge_weight`] into `out` (bytes of `dtype`, the size of `w`); every byte of `out` is
+/// written.
 pub fn merge_weight_into(
     w: &[u8],
     dtype: Dtype,
@@ -84,64 +87,117 @@ pub fn merge_weight_into(
     magnitude: Option<&[f32]>,
     out: &mut [u8],
 ) {
-    let (rows, cols) = (delta.rows, delta.cols);
-    let row_bytes = cols * dtype.size();
-    assert_eq!(w.len(), rows * row_bytes, "weight and update shapes differ");
+    let row_bytes = delta.cols * dtype.size();
+    assert_eq!(
+        w.len(),
+        delta.rows * row_bytes,
+        "weight and update shapes differ"
+    );
     assert_eq!(out.len(), w.len(), "output and weight sizes differ");
     if out.is_empty() {
         return;
     }
-    const ROWS_PER_TASK: usize = 16;
-    let rank = delta.rank;
     out.par_chunks_mut(row_bytes * ROWS_PER_TASK)
         .enumerate()
-        .for_each_init(Vec::new, |acc: &mut Vec<f32>, (chunk, out_rows)| {
-            let mut first = chunk * ROWS_PER_TASK;
-            let mut here = out_rows.len() / row_bytes;
-            let mut out_rows = out_rows;
-            if magnitude.is_none() && dtype == Dtype::BF16 {
-                // Whole blocks of four rows straight from stored bytes to stored bytes.
-                let fused = merge_bf16_rows(
-                    &w[first * row_bytes..(first + here) * row_bytes],
-                    out_rows,
-                    cols,
-                    &delta.coeff[first * rank..(first + here) * rank],
-                    &delta.basis,
-                );
-                first += fused;
-                here -= fused;
-                out_rows = &mut out_rows[fused * row_bytes..];
-                if here == 0 {
-                    return;
-                }
-            }
-            // (here, cols): the task's rows in f32, updated together so each basis load serves
-            // several rows
-            acc.resize(here * cols, 0.0);
-            to_f32(
-                &w[first * row_bytes..(first + here) * row_bytes],
+        .for_each_init(Vec::new, |acc, (task, out_rows)| {
+            merge_rows(
+                w,
                 dtype,
+                delta,
+                magnitude,
+                task * ROWS_PER_TASK,
+                out_rows,
                 acc,
-            );
-            add_combinations(
-                acc,
-                cols,
-                &delta.coeff[first * rank..(first + here) * rank],
-                &delta.basis,
-            );
-            for (offset, (row, out_row)) in acc
-                .chunks_exact_mut(cols)
-                .zip(out_rows.chunks_exact_mut(row_bytes))
-                .enumerate()
-            {
-                if let Some(m) = magnitude {
-                    let norm = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-                    let factor = (m[first + offset] as f64 / norm) as f32;
-                    row.iter_mut().for_each(|x| *x *= factor);
-                }
-                from_f32(row, dtype, out_row);
-            }
+            )
         });
+}
+
+/// [`merge_weight`] handed out in pieces as they are computed: `emit(byte_offset, bytes)` gets
+/// every few rows of the merged weight, from the rayon threads, in no particular order, so the
+/// whole merged tensor is never held (the output file takes each piece from a buffer still in
+/// cache). Stops at the first error `emit` returns.
+pub fn merge_weight_to(
+    w: &[u8],
+    dtype: Dtype,
+    delta: &LowRank,
+    magnitude: Option<&[f32]>,
+    emit: &(dyn Fn(usize, &[u8]) -> crate::error::Result<()> + Sync),
+) -> crate::error::Result<()> {
+    let row_bytes = delta.cols * dtype.size();
+    assert_eq!(
+        w.len(),
+        delta.rows * row_bytes,
+        "weight and update shapes differ"
+    );
+    (0..delta.rows.div_ceil(ROWS_PER_TASK))
+        .into_par_iter()
+        .try_for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(acc, piece): &mut (Vec<f32>, Vec<u8>), task| {
+                let first = task * ROWS_PER_TASK;
+                let here = ROWS_PER_TASK.min(delta.rows - first);
+                piece.resize(here * row_bytes, 0);
+                merge_rows(w, dtype, delta, magnitude, first, piece, acc);
+                emit(first * row_bytes, piece)
+            },
+        )
+}
+
+/// Merges the rows of `w` from `first` on into `out_rows` (as many rows as it holds), `acc` the
+/// caller's f32 working space.
+fn merge_rows(
+    w: &[u8],
+    dtype: Dtype,
+    delta: &LowRank,
+    magnitude: Option<&[f32]>,
+    mut first: usize,
+    mut out_rows: &mut [u8],
+    acc: &mut Vec<f32>,
+) {
+    let (cols, rank) = (delta.cols, delta.rank);
+    let row_bytes = cols * dtype.size();
+    let mut here = out_rows.len() / row_bytes;
+    if magnitude.is_none() && dtype == Dtype::BF16 {
+        // Whole blocks of four rows straight from stored bytes to stored bytes.
+        let fused = merge_bf16_rows(
+            &w[first * row_bytes..(first + here) * row_bytes],
+            out_rows,
+            cols,
+            &delta.coeff[first * rank..(first + here) * rank],
+            &delta.basis,
+        );
+        first += fused;
+        here -= fused;
+        out_rows = &mut out_rows[fused * row_bytes..];
+        if here == 0 {
+            return;
+        }
+    }
+    // (here, cols): the rows in f32, updated together so each basis load serves several rows
+    acc.resize(here * cols, 0.0);
+    to_f32(
+        &w[first * row_bytes..(first + here) * row_bytes],
+        dtype,
+        acc,
+    );
+    add_combinations(
+        acc,
+        cols,
+        &delta.coeff[first * rank..(first + here) * rank],
+        &delta.basis,
+    );
+    for (offset, (row, out_row)) in acc
+        .chunks_exact_mut(cols)
+        .zip(out_rows.chunks_exact_mut(row_bytes))
+        .enumerate()
+    {
+        if let Some(m) = magnitude {
+            let norm = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            let factor = (m[first + offset] as f64 / norm) as f32;
+            row.iter_mut().for_each(|x| *x *= factor);
+        }
+        from_f32(row, dtype, out_row);
+    }
 }
 
 /// The LoRA update of BF16 rows `w` (m, n) into `out` without an f32 working copy, for as many
@@ -538,6 +594,35 @@ mod tests {
                 );
             }
             assert!(fused == expected, "{rows}x{cols} rank {rank}");
+        }
+    }
+
+    #[test]
+    fn pieces_assemble_into_the_whole_merge() {
+        use std::sync::Mutex;
+        for (rows, cols, dtype, dora) in [
+            (37, 53, Dtype::BF16, false),
+            (40, 24, Dtype::F16, true),
+            (16, 8, Dtype::F32, false),
+        ] {
+            let w = tensor_from_f32(&random(rows * cols, 21), dtype);
+            let delta = LowRank::linear(&random(3 * cols, 22), &random(rows * 3, 23), 3, 0.5);
+            let m: Vec<f32> = random(rows, 24).iter().map(|x| x + 1.0).collect();
+            let magnitude = dora.then_some(&m[..]);
+            let whole = merge_weight(&w, dtype, &delta, magnitude);
+            let assembled = Mutex::new(vec![0u8; w.len()]);
+            let pieces = Mutex::new(0);
+            merge_weight_to(&w, dtype, &delta, magnitude, &|at, bytes| {
+                assembled.lock().unwrap()[at..at + bytes.len()].copy_from_slice(bytes);
+                *pieces.lock().unwrap() += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert!(
+                assembled.into_inner().unwrap() == whole,
+                "{rows}x{cols} {dtype}"
+            );
+            assert_eq!(pieces.into_inner().unwrap(), rows.div_ceil(ROWS_PER_TASK));
         }
     }
 

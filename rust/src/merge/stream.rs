@@ -4,12 +4,11 @@
 //! - every input tensor is planned first (copied, dropped, or rewritten into new tensors), so bad
 //!   input fails before a byte is written;
 //! - the output is sharded like the input (same shard files, same tensor order, same index);
-//! - by default each shard is filled in place through a shared map of the reserved output file
-//!   (`MappedSafetensorsWriter`): tensors in parallel (rayon), each rewritten tensor computed
-//!   straight into its bytes of the page cache ([`TensorRewrite::compute_into`]), copied ones
-//!   copied in chunks; each tensor's pages are dropped from the process and their writeback
-//!   started once it is done;
-//! - where the file system cannot map (or with `FERROTUNE_STREAM_WRITE=buffered`), the buffered
+//! - by default each shard's file is reserved whole up front (`ReservedSafetensorsWriter`) and
+//!   its tensors are written by position, in parallel (rayon): a rewritten tensor a few rows at a
+//!   time as they are computed ([`TensorRewrite::compute_into`]), a copied one in chunks straight
+//!   from the input map; each tensor's writeback starts once it is done;
+//! - where the file system cannot reserve (or with `FERROTUNE_STREAM_WRITE=buffered`), the buffered
 //!   path writes the same bytes: a producer computes rewritten tensors (rayon inside) while a
 //!   writer thread appends them to the shard, at most `QUEUE` computed tensors in between;
 //! - input pages are released (`MADV_DONTNEED`) once a tensor is done, so the mapped model does
@@ -28,16 +27,16 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::io::{
-    AtomicFile, Checkpoint, MappedSafetensorsWriter, MappedTensor, SafeTensors, SafetensorsWriter,
-    TensorInfo, TensorSpec,
+    AtomicFile, Checkpoint, ReservedSafetensorsWriter, ReservedTensor, SafeTensors,
+    SafetensorsWriter, TensorInfo, TensorSpec,
 };
 
 /// Computed tensors allowed to wait for the writer (buffered path).
 const QUEUE: usize = 2;
-/// Writeback of the output is started every this many bytes (buffered path; the mapped path
+/// Writeback of the output is started every this many bytes (buffered path; the reserved path
 /// starts it per tensor).
 const WRITEBACK_EVERY: u64 = 64 << 20;
-/// Copied tensors move in pieces of this size (mapped path), so a large embedding is neither
+/// Copied tensors move in pieces of this size (reserved path), so a large embedding is neither
 /// resident at once nor copied by one thread.
 const COPY_CHUNK: usize = 4 << 20;
 /// The environment variable that picks the write path: `buffered` forces `write()`.
@@ -60,21 +59,42 @@ pub trait TensorRewrite: Sync {
     /// The bytes of the tensors planned for `info`, in plan order. `source` is the input
     /// checkpoint (for tensors computed from several inputs).
     fn compute(&self, source: &Checkpoint, info: &TensorInfo) -> Result<Vec<Vec<u8>>>;
-    /// The same bytes written into `outs` (one slice per planned tensor, each of its planned
-    /// size, zero-filled), so a tensor can be computed in place in the output file. By default
-    /// [`TensorRewrite::compute`], copied.
+    /// The same bytes written into `outs` (one per planned tensor, in plan order), in pieces
+    /// and from any threads as they are computed, so no output tensor need be held whole. By
+    /// default [`TensorRewrite::compute`], each tensor written whole.
     fn compute_into(
         &self,
         source: &Checkpoint,
         info: &TensorInfo,
-        outs: &mut [&mut [u8]],
+        outs: &[&dyn TensorOutput],
     ) -> Result<()> {
         copy_computed(&self.compute(source, info)?, outs)
     }
 }
 
-/// Copies computed tensors into their output slices, checking each one's size.
-pub fn copy_computed(tensors: &[Vec<u8>], outs: &mut [&mut [u8]]) -> Result<()> {
+/// One planned output tensor, written by position: any piece, from any thread.
+pub trait TensorOutput: Sync {
+    /// Its size in bytes.
+    fn len(&self) -> usize;
+    /// Writes `bytes` at `offset` within the tensor.
+    fn write_at(&self, offset: usize, bytes: &[u8]) -> Result<()>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl TensorOutput for ReservedTensor<'_> {
+    fn len(&self) -> usize {
+        ReservedTensor::len(self)
+    }
+
+    fn write_at(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        ReservedTensor::write_at(self, offset, bytes)
+    }
+}
+
+/// Writes computed tensors whole into their outputs, checking each one's size.
+pub fn copy_computed(tensors: &[Vec<u8>], outs: &[&dyn TensorOutput]) -> Result<()> {
     if tensors.len() != outs.len() {
         return Err(Error::InvalidArgument(format!(
             "computed {} tensors, planned {}",
@@ -82,7 +102,7 @@ pub fn copy_computed(tensors: &[Vec<u8>], outs: &mut [&mut [u8]]) -> Result<()> 
             outs.len()
         )));
     }
-    for (index, (bytes, out)) in tensors.iter().zip(outs.iter_mut()).enumerate() {
+    for (index, (bytes, out)) in tensors.iter().zip(outs).enumerate() {
         if bytes.len() != out.len() {
             return Err(Error::InvalidArgument(format!(
                 "tensor {index} of the rewrite: computed {} bytes, planned {}",
@@ -90,7 +110,7 @@ pub fn copy_computed(tensors: &[Vec<u8>], outs: &mut [&mut [u8]]) -> Result<()> 
                 out.len()
             )));
         }
-        out.copy_from_slice(bytes);
+        out.write_at(0, bytes)?;
     }
     Ok(())
 }
@@ -98,19 +118,19 @@ pub fn copy_computed(tensors: &[Vec<u8>], outs: &mut [&mut [u8]]) -> Result<()> 
 /// How shards are written (both give the same bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WritePath {
-    /// Filled in place through a shared map of the reserved file; falls back to `Buffered` where
-    /// the file system cannot.
-    Mapped,
+    /// Written by position into a file reserved up front, tensors in parallel; falls back to
+    /// `Buffered` where the file system cannot reserve.
+    Reserved,
     /// Appended with `write()` by a writer thread.
     Buffered,
 }
 
 impl WritePath {
-    /// `Buffered` when [`WRITE_PATH_VAR`] says `buffered`, else `Mapped`.
+    /// `Buffered` when [`WRITE_PATH_VAR`] says `buffered`, else `Reserved`.
     pub fn from_env() -> Self {
         match std::env::var(WRITE_PATH_VAR) {
             Ok(v) if v.eq_ignore_ascii_case("buffered") => WritePath::Buffered,
-            _ => WritePath::Mapped,
+            _ => WritePath::Reserved,
         }
     }
 }
@@ -206,15 +226,15 @@ pub fn rewrite_checkpoint_with(
             weight_map.insert(spec.name.clone(), shard_name.clone());
         }
         let shard_path = out_dir.join(&shard_name);
-        let mapped = match path {
-            WritePath::Mapped => {
-                MappedSafetensorsWriter::create(&shard_path, specs.clone(), file.metadata())?
+        let reserved = match path {
+            WritePath::Reserved => {
+                ReservedSafetensorsWriter::create(&shard_path, specs.clone(), file.metadata())?
             }
             WritePath::Buffered => None,
         };
-        summary.bytes_written += match mapped {
+        summary.bytes_written += match reserved {
             Some(writer) => {
-                write_shard_mapped(source, file, file_plans, writer, rewrite, &reporter)?
+                write_shard_reserved(source, file, file_plans, writer, rewrite, &reporter)?
             }
             None => {
                 let writer = SafetensorsWriter::create(&shard_path, specs, file.metadata())?;
@@ -244,14 +264,14 @@ fn output_bytes(info: &TensorInfo, plan: &Plan) -> u64 {
     }
 }
 
-/// Fills one shard through its map: every kept tensor a task (taken in file order by the rayon
-/// threads as they free up), rewritten ones computed in place, copied ones in chunks. Returns the
-/// bytes written.
-fn write_shard_mapped(
+/// Writes one shard into its reserved file: every kept tensor a task (taken in file order by the
+/// rayon threads as they free up), rewritten ones written in pieces as computed, copied ones in
+/// chunks. Returns the bytes written.
+fn write_shard_reserved(
     source: &Checkpoint,
     file: &SafeTensors,
     file_plans: &FilePlans,
-    mut writer: MappedSafetensorsWriter,
+    writer: ReservedSafetensorsWriter,
     rewrite: &dyn TensorRewrite,
     reporter: &Mutex<Progress>,
 ) -> Result<u64> {
@@ -259,59 +279,55 @@ fn write_shard_mapped(
         .iter()
         .map(|(info, plan)| output_bytes(info, plan))
         .sum();
-    {
-        let mut outputs = writer.tensors().into_iter();
-        let mut jobs = Vec::new();
-        for (info, plan) in file_plans {
-            let count = match plan {
-                Plan::Drop => continue,
-                Plan::Copy => 1,
-                Plan::Rewrite(new) => new.len(),
-            };
-            jobs.push((
-                *info,
-                plan,
-                outputs.by_ref().take(count).collect::<Vec<_>>(),
-            ));
-        }
-        jobs.into_iter()
-            .par_bridge()
-            .try_for_each(|(info, plan, mut outs)| -> Result<()> {
-                match plan {
-                    Plan::Copy => copy_mapped(file, info, &mut outs[0]),
-                    _ => {
-                        populate(file, info);
-                        let mut slices: Vec<&mut [u8]> =
-                            outs.iter_mut().map(MappedTensor::bytes_mut).collect();
-                        rewrite.compute_into(source, info, &mut slices)?;
-                        release(file, info);
-                        outs.iter_mut().for_each(MappedTensor::release);
-                    }
-                }
-                let done = outs.iter().map(|o| o.len() as u64).sum();
-                reporter.lock().expect("progress lock").advance(done);
-                Ok(())
-            })?;
+    let mut outputs = writer.tensors().into_iter();
+    let mut jobs = Vec::new();
+    for (info, plan) in file_plans {
+        let count = match plan {
+            Plan::Drop => continue,
+            Plan::Copy => 1,
+            Plan::Rewrite(new) => new.len(),
+        };
+        jobs.push((
+            *info,
+            plan,
+            outputs.by_ref().take(count).collect::<Vec<_>>(),
+        ));
     }
+    jobs.into_iter()
+        .par_bridge()
+        .try_for_each(|(info, plan, outs)| -> Result<()> {
+            match plan {
+                Plan::Copy => copy_reserved(file, info, &outs[0])?,
+                _ => {
+                    populate(file, info);
+                    let targets: Vec<&dyn TensorOutput> =
+                        outs.iter().map(|o| o as &dyn TensorOutput).collect();
+                    rewrite.compute_into(source, info, &targets)?;
+                    release(file, info);
+                }
+            }
+            outs.iter().for_each(ReservedTensor::start_writeback);
+            let done = outs.iter().map(|o| o.len() as u64).sum();
+            reporter.lock().expect("progress lock").advance(done);
+            Ok(())
+        })?;
     writer.finish()?;
     Ok(written)
 }
 
-/// Copies a tensor of `file` into `out` in parallel chunks, each released on both sides once
-/// copied, so neither the input nor the output accumulates in the resident set.
-fn copy_mapped(file: &SafeTensors, info: &TensorInfo, out: &mut MappedTensor) {
-    let source = file.slice(info);
-    out.chunks(COPY_CHUNK)
-        .into_par_iter()
-        .zip(source.par_chunks(COPY_CHUNK))
+/// Copies a tensor of `file` into `out` in parallel chunks, each input chunk's pages released
+/// once copied, so the input does not accumulate in the resident set.
+fn copy_reserved(file: &SafeTensors, info: &TensorInfo, out: &ReservedTensor) -> Result<()> {
+    file.slice(info)
+        .par_chunks(COPY_CHUNK)
         .enumerate()
-        .for_each(|(index, (mut chunk, bytes))| {
+        .try_for_each(|(index, bytes)| {
             let begin = info.begin + index * COPY_CHUNK;
             populate_range(file, begin, bytes.len());
-            chunk.bytes_mut().copy_from_slice(bytes);
-            chunk.release();
+            out.write_at(index * COPY_CHUNK, bytes)?;
             release_range(file, begin, bytes.len());
-        });
+            Ok(())
+        })
 }
 
 /// Writes one shard with `write()`: this thread computes rewritten tensors (rayon inside) while
@@ -660,7 +676,7 @@ pub(crate) mod tests {
     }
 
     /// Drops `gone`, splits `pair` (U8) into its two halves `pair.0`, `pair.1`, negates the
-    /// bytes of `negate` (in place, through `compute_into`), copies the rest.
+    /// bytes of `negate` (written in pieces, through `compute_into`), copies the rest.
     struct TestRewrite;
 
     impl TensorRewrite for TestRewrite {
@@ -690,14 +706,16 @@ pub(crate) mod tests {
             &self,
             source: &Checkpoint,
             info: &TensorInfo,
-            outs: &mut [&mut [u8]],
+            outs: &[&dyn TensorOutput],
         ) -> Result<()> {
             if info.name != "negate" {
                 return copy_computed(&self.compute(source, info)?, outs);
             }
+            // in pieces of 1000 bytes, last first
             let bytes = source.bytes(&info.name).unwrap();
-            for (out, b) in outs[0].iter_mut().zip(bytes) {
-                *out = b.wrapping_neg();
+            for (i, piece) in bytes.chunks(1000).enumerate().rev() {
+                let negated: Vec<u8> = piece.iter().map(|b| b.wrapping_neg()).collect();
+                outs[0].write_at(i * 1000, &negated)?;
             }
             Ok(())
         }
@@ -708,7 +726,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn mapped_and_buffered_paths_write_the_same_files() {
+    fn reserved_and_buffered_paths_write_the_same_files() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base");
         std::fs::create_dir(&base).unwrap();
@@ -743,7 +761,7 @@ pub(crate) mod tests {
         let source = Checkpoint::open(&base).unwrap();
         let mut summaries = Vec::new();
         for (name, path) in [
-            ("mapped", WritePath::Mapped),
+            ("reserved", WritePath::Reserved),
             ("buffered", WritePath::Buffered),
         ] {
             let out = dir.path().join(name);
@@ -752,7 +770,7 @@ pub(crate) mod tests {
                 rewrite_checkpoint_with(&source, &base, &out, &TestRewrite, false, path).unwrap(),
             );
         }
-        assert_same_files(&dir.path().join("mapped"), &dir.path().join("buffered"));
+        assert_same_files(&dir.path().join("reserved"), &dir.path().join("buffered"));
         for s in &summaries {
             assert_eq!(
                 (
@@ -765,7 +783,7 @@ pub(crate) mod tests {
             );
             assert_eq!(s.bytes_written, (big + 10 + 4200 + 4) as u64);
         }
-        let out = Checkpoint::open(dir.path().join("mapped")).unwrap();
+        let out = Checkpoint::open(dir.path().join("reserved")).unwrap();
         assert_eq!(out.bytes("big").unwrap(), &pattern(big, 1)[..]);
         assert_eq!(out.bytes("pair.1").unwrap(), &pattern(10, 3)[5..]);
         let negated: Vec<u8> = pattern(4200, 4).iter().map(|b| b.wrapping_neg()).collect();
@@ -773,7 +791,7 @@ pub(crate) mod tests {
         assert!(out.bytes("gone").is_none());
         // no temporary file is left behind
         assert_eq!(
-            std::fs::read_dir(dir.path().join("mapped"))
+            std::fs::read_dir(dir.path().join("reserved"))
                 .unwrap()
                 .count(),
             3
@@ -806,7 +824,7 @@ pub(crate) mod tests {
             )],
         );
         let source = Checkpoint::open(&base).unwrap();
-        for path in [WritePath::Mapped, WritePath::Buffered] {
+        for path in [WritePath::Reserved, WritePath::Buffered] {
             let out = dir.path().join(format!("{path:?}"));
             std::fs::create_dir(&out).unwrap();
             let err = rewrite_checkpoint_with(&source, &base, &out, &Failing, false, path)
