@@ -77,6 +77,10 @@ pub fn merge_weight(w: &[u8], dtype: Dtype, delta: &LowRank, magnitude: Option<&
 
 /// Output rows (of W) per parallel task: decoded, updated and rounded together.
 const ROWS_PER_TASK: usize = 16;
+/// Bytes of merged rows [`merge_weight_to`] hands out at a time: pieces this large cost the
+/// output file few calls (measured on the 2.2 GB merge: pieces of 16 rows of 4 KiB took 0.3 s
+/// longer, in system time), and still fit in a core's cache.
+const PIECE_BYTES: usize = 512 << 10;
 
 /// [`merge_weight`] into `out` (bytes of `dtype`, the size of `w`); every byte of `out` is
 /// written.
@@ -113,9 +117,9 @@ pub fn merge_weight_into(
 }
 
 /// [`merge_weight`] handed out in pieces as they are computed: `emit(byte_offset, bytes)` gets
-/// every few rows of the merged weight, from the rayon threads, in no particular order, so the
-/// whole merged tensor is never held (the output file takes each piece from a buffer still in
-/// cache). Stops at the first error `emit` returns.
+/// the merged weight's rows about [`PIECE_BYTES`] at a time, from the rayon threads, in no
+/// particular order, so the whole merged tensor is never held (the output file takes each piece
+/// from a buffer still in cache). Stops at the first error `emit` returns.
 pub fn merge_weight_to(
     w: &[u8],
     dtype: Dtype,
@@ -129,13 +133,19 @@ pub fn merge_weight_to(
         delta.rows * row_bytes,
         "weight and update shapes differ"
     );
-    (0..delta.rows.div_ceil(ROWS_PER_TASK))
+    // whole blocks of four rows (the fused BF16 kernel's) where a piece holds several
+    let rows_per_piece = match PIECE_BYTES / row_bytes.max(1) {
+        0 => 1,
+        n @ 1..=7 => n,
+        n => n / 4 * 4,
+    };
+    (0..delta.rows.div_ceil(rows_per_piece))
         .into_par_iter()
         .try_for_each_init(
             || (Vec::new(), Vec::new()),
             |(acc, piece): &mut (Vec<f32>, Vec<u8>), task| {
-                let first = task * ROWS_PER_TASK;
-                let here = ROWS_PER_TASK.min(delta.rows - first);
+                let first = task * rows_per_piece;
+                let here = rows_per_piece.min(delta.rows - first);
                 piece.resize(here * row_bytes, 0);
                 merge_rows(w, dtype, delta, magnitude, first, piece, acc);
                 emit(first * row_bytes, piece)
@@ -600,10 +610,11 @@ mod tests {
     #[test]
     fn pieces_assemble_into_the_whole_merge() {
         use std::sync::Mutex;
-        for (rows, cols, dtype, dora) in [
-            (37, 53, Dtype::BF16, false),
-            (40, 24, Dtype::F16, true),
-            (16, 8, Dtype::F32, false),
+        // 260 BF16 rows of 2000 bytes a piece; 64 F32 rows of 8000 bytes; one small piece
+        for (rows, cols, dtype, dora, expected_pieces) in [
+            (530, 1000, Dtype::BF16, false, 3),
+            (150, 2000, Dtype::F32, true, 3),
+            (40, 24, Dtype::F16, true, 1),
         ] {
             let w = tensor_from_f32(&random(rows * cols, 21), dtype);
             let delta = LowRank::linear(&random(3 * cols, 22), &random(rows * 3, 23), 3, 0.5);
@@ -622,7 +633,11 @@ mod tests {
                 assembled.into_inner().unwrap() == whole,
                 "{rows}x{cols} {dtype}"
             );
-            assert_eq!(pieces.into_inner().unwrap(), rows.div_ceil(ROWS_PER_TASK));
+            assert_eq!(
+                pieces.into_inner().unwrap(),
+                expected_pieces,
+                "{rows}x{cols}"
+            );
         }
     }
 
