@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::atomic::temp_path_for;
 use super::safetensors::{encode_header, TensorSpec};
@@ -35,6 +36,8 @@ pub struct ReservedSafetensorsWriter {
     file: File,
     data_start: usize,
     specs: Vec<TensorSpec>,
+    /// Bytes written into each tensor so far (checked by `finish`).
+    written: Vec<AtomicUsize>,
     committed: bool,
 }
 
@@ -67,6 +70,7 @@ impl ReservedSafetensorsWriter {
             temp,
             file,
             data_start,
+            written: specs.iter().map(|_| AtomicUsize::new(0)).collect(),
             specs,
             committed: false,
         };
@@ -99,12 +103,14 @@ impl ReservedSafetensorsWriter {
         let mut offset = self.data_start as u64;
         self.specs
             .iter()
-            .map(|spec| {
+            .zip(&self.written)
+            .map(|(spec, written)| {
                 let tensor = ReservedTensor {
                     file: &self.file,
                     path: &self.target,
                     offset,
                     len: spec.nbytes(),
+                    written,
                 };
                 offset += spec.nbytes() as u64;
                 tensor
@@ -112,9 +118,20 @@ impl ReservedSafetensorsWriter {
             .collect()
     }
 
-    /// Fsyncs and renames the file into place. Every tensor must have been written (the file
-    /// cannot tell; unwritten bytes read as zeros).
+    /// Checks that every tensor got exactly its size in bytes (pieces written twice or not at
+    /// all would not), then fsyncs and renames the file into place.
     pub fn finish(mut self) -> Result<()> {
+        for (spec, written) in self.specs.iter().zip(&self.written) {
+            let written = written.load(Ordering::Relaxed);
+            if written != spec.nbytes() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: tensor {:?} got {written} bytes written, its size is {}",
+                    self.target.display(),
+                    spec.name,
+                    spec.nbytes()
+                )));
+            }
+        }
         self.file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
         fs::rename(&self.temp, &self.target).map_err(|e| Error::io(&self.target, e))?;
         self.committed = true;
@@ -139,6 +156,7 @@ pub struct ReservedTensor<'a> {
     /// Where the tensor starts in the file.
     offset: u64,
     len: usize,
+    written: &'a AtomicUsize,
 }
 
 impl ReservedTensor<'_> {
@@ -164,7 +182,9 @@ impl ReservedTensor<'_> {
             )));
         }
         write_all_at(self.file, bytes, self.offset + offset as u64)
-            .map_err(|e| Error::io(self.path, e))
+            .map_err(|e| Error::io(self.path, e))?;
+        self.written.fetch_add(bytes.len(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Starts writing the tensor's bytes back to disk without waiting (Linux
@@ -310,6 +330,26 @@ mod tests {
                 "{code}"
             );
         }
+    }
+
+    #[test]
+    fn a_tensor_written_short_or_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.safetensors");
+        for (pieces, expected) in [(vec![0], "got 30 bytes"), (vec![0, 30, 0], "got 90 bytes")] {
+            let writer = ReservedSafetensorsWriter::create(&target, specs(), &BTreeMap::new())
+                .unwrap()
+                .unwrap();
+            let tensors = writer.tensors();
+            for at in pieces {
+                tensors[0].write_at(at, &[7; 30]).unwrap();
+            }
+            tensors[2].write_at(0, &vec![1; 70_001]).unwrap();
+            let err = writer.finish().unwrap_err().to_string();
+            assert!(err.contains(expected) && err.contains("\"a\""), "{err}");
+            assert!(!target.exists());
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
