@@ -19,15 +19,7 @@ impl AtomicFile {
     /// Starts writing `target` (its parent folder must exist).
     pub fn create(target: impl AsRef<Path>) -> Result<Self> {
         let target = target.as_ref().to_path_buf();
-        let name = target.file_name().ok_or_else(|| {
-            Error::InvalidArgument(format!("{} is not a file path", target.display()))
-        })?;
-        let temp = target.with_file_name(format!(
-            ".{}.tmp-{}-{}",
-            name.to_string_lossy(),
-            std::process::id(),
-            unique_suffix()
-        ));
+        let temp = temp_path_for(&target)?;
         let file = File::create(&temp).map_err(|e| Error::io(&temp, e))?;
         Ok(AtomicFile {
             target,
@@ -109,6 +101,20 @@ pub fn write_atomic(target: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     file.write_all(bytes)
         .map_err(|e| Error::io(file.target().to_path_buf(), e))?;
     file.commit()
+}
+
+/// The temporary name a file for `target` is written under: hidden, beside it (so the final
+/// rename stays on one file system), unique to this process and call.
+pub(crate) fn temp_path_for(target: &Path) -> Result<PathBuf> {
+    let name = target.file_name().ok_or_else(|| {
+        Error::InvalidArgument(format!("{} is not a file path", target.display()))
+    })?;
+    Ok(target.with_file_name(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        unique_suffix()
+    )))
 }
 
 fn unique_suffix() -> u64 {

@@ -368,7 +368,10 @@ impl SafetensorsWriter {
 }
 
 /// The JSON header for `specs` in order, space-padded to a multiple of 8 bytes.
-fn encode_header(specs: &[TensorSpec], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+pub(crate) fn encode_header(
+    specs: &[TensorSpec],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
     let mut map = Map::new();
     if !metadata.is_empty() {
         map.insert(

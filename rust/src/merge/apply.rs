@@ -6,10 +6,11 @@ use std::path::Path;
 
 use super::adapter::{Adapter, Layout, LoraModule};
 use super::convert::{check_mergeable, tensor_from_f32, tensor_to_f32};
-use super::lora::{merge_weight, LowRank};
+use super::lora::{merge_weight_into, merge_weight_to, LowRank};
 use super::quantized::{dequantize_weight, is_aux, quant_state, QuantState};
 use super::stream::{
-    copy_side_files, prepare_out_dir, rewrite_checkpoint, Plan, StreamSummary, TensorRewrite,
+    copy_computed, copy_side_files, prepare_out_dir, rewrite_checkpoint, Plan, StreamSummary,
+    TensorOutput, TensorRewrite,
 };
 use crate::error::{Error, Result};
 use crate::io::{Checkpoint, TensorInfo, TensorSpec};
@@ -231,20 +232,10 @@ impl TensorRewrite for LoraRewrite<'_> {
         };
         let merged = match action {
             Action::Lora(module, replaced) => {
-                let own_copy = replaced.map(|key| self.replacement_bytes(key, info.dtype));
-                let base = own_copy.as_deref().unwrap_or(base);
-                let a = self.adapter.tensor_f32(&module.a);
-                let b = self.adapter.tensor_f32(&module.b);
-                let scale = module.scale as f32;
-                let delta = match module.layout {
-                    Layout::Linear => LowRank::linear(&a, &b, module.rank, scale),
-                    Layout::Transposed => LowRank::transposed(&a, &b, module.rank, scale),
-                };
-                let magnitude = module
-                    .magnitude
-                    .as_ref()
-                    .map(|k| self.adapter.tensor_f32(k));
-                merge_weight(base, info.dtype, &delta, magnitude.as_deref())
+                let mut merged = vec![0u8; base.len()];
+                let out = MergeOutput::Whole(&mut merged);
+                self.merge_lora(base, info.dtype, module, *replaced, out)?;
+                merged
             }
             Action::LoraBias(module) => {
                 let lora_bias = self
@@ -259,6 +250,74 @@ impl TensorRewrite for LoraRewrite<'_> {
             Action::Replace(key) => self.replacement_bytes(key, info.dtype),
         };
         Ok(vec![merged])
+    }
+
+    /// LoRA weights of a 16-bit base are written a few rows at a time as they are merged;
+    /// everything else is computed, then written whole.
+    fn compute_into(
+        &self,
+        source: &Checkpoint,
+        info: &TensorInfo,
+        outs: &[&dyn TensorOutput],
+    ) -> Result<()> {
+        match (self.actions.get(&info.name), outs) {
+            (Some(Action::Lora(module, replaced)), [out])
+                if !self.quantized.contains_key(&info.name) =>
+            {
+                let base = source.bytes(&info.name).expect("planned tensors exist");
+                let emit = |at: usize, bytes: &[u8]| out.write_at(at, bytes);
+                self.merge_lora(
+                    base,
+                    info.dtype,
+                    module,
+                    *replaced,
+                    MergeOutput::Pieces(&emit),
+                )
+            }
+            _ => copy_computed(&self.compute(source, info)?, outs),
+        }
+    }
+}
+
+/// Where [`LoraRewrite::merge_lora`] puts the merged weight.
+enum MergeOutput<'a> {
+    Whole(&'a mut [u8]),
+    Pieces(&'a (dyn Fn(usize, &[u8]) -> Result<()> + Sync)),
+}
+
+impl LoraRewrite<'_> {
+    /// `out = W + s·BA` (and DoRA) for the weight `base` of `dtype`, W the adapter's own copy
+    /// of it when `replaced` names one.
+    fn merge_lora(
+        &self,
+        base: &[u8],
+        dtype: crate::io::Dtype,
+        module: &LoraModule,
+        replaced: Option<&str>,
+        out: MergeOutput,
+    ) -> Result<()> {
+        let own_copy = replaced.map(|key| self.replacement_bytes(key, dtype));
+        let base = own_copy.as_deref().unwrap_or(base);
+        let a = self.adapter.tensor_f32(&module.a);
+        let b = self.adapter.tensor_f32(&module.b);
+        let scale = module.scale as f32;
+        let delta = match module.layout {
+            Layout::Linear => LowRank::linear(&a, &b, module.rank, scale),
+            Layout::Transposed => LowRank::transposed(&a, &b, module.rank, scale),
+        };
+        let magnitude = module
+            .magnitude
+            .as_ref()
+            .map(|k| self.adapter.tensor_f32(k));
+        match out {
+            MergeOutput::Whole(out) => {
+                merge_weight_into(base, dtype, &delta, magnitude.as_deref(), out);
+                Ok(())
+            }
+            MergeOutput::Pieces(emit) => {
+                merge_weight_to(base, dtype, &delta, magnitude.as_deref(), emit)
+            }
+        }
     }
 }
 
@@ -354,4 +413,119 @@ fn drop_quantization_config(dir: &Path) -> Result<()> {
         crate::io::atomic::write_atomic(&path, text.as_bytes())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::safetensors::write_safetensors;
+    use crate::io::Dtype;
+    use crate::merge::convert::tensor_from_f32;
+    use crate::merge::stream::tests::{assert_same_files, write_sharded};
+    use crate::merge::stream::{rewrite_checkpoint_with, WritePath};
+    use crate::merge::test_data::random;
+
+    fn tensor(name: &str, dtype: Dtype, shape: Vec<usize>, seed: u64) -> (TensorSpec, Vec<u8>) {
+        let values = random(shape.iter().product(), seed);
+        (
+            TensorSpec::new(name, dtype, shape),
+            tensor_from_f32(&values, dtype),
+        )
+    }
+
+    /// A LoRA (bf16 weight) and a DoRA (f16 weight) module over a two-shard base: both write paths
+    /// give the same files, the merged weights differ from the base's, the rest is copied.
+    #[test]
+    fn lora_and_dora_merge_the_same_through_both_write_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base_dir, adapter_dir) = (dir.path().join("base"), dir.path().join("adapter"));
+        std::fs::create_dir(&base_dir).unwrap();
+        std::fs::create_dir(&adapter_dir).unwrap();
+        let q = "model.layers.0.self_attn.q_proj";
+        let o = "model.layers.0.self_attn.o_proj";
+        write_sharded(
+            &base_dir,
+            &[
+                (
+                    "model-00001-of-00002.safetensors",
+                    vec![
+                        tensor("model.embed_tokens.weight", Dtype::BF16, vec![50, 24], 1),
+                        tensor(&format!("{q}.weight"), Dtype::BF16, vec![40, 24], 2),
+                    ],
+                ),
+                (
+                    "model-00002-of-00002.safetensors",
+                    vec![
+                        tensor(&format!("{o}.weight"), Dtype::F16, vec![24, 40], 3),
+                        tensor("model.norm.weight", Dtype::F32, vec![24], 4),
+                    ],
+                ),
+            ],
+        );
+        std::fs::write(
+            adapter_dir.join("adapter_config.json"),
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "o_proj"], "use_dora": true}"#,
+        )
+        .unwrap();
+        let lora = |module: &str, out: usize, inp: usize, seed: u64| {
+            vec![
+                tensor(
+                    &format!("base_model.model.{module}.lora_A.weight"),
+                    Dtype::F32,
+                    vec![4, inp],
+                    seed,
+                ),
+                tensor(
+                    &format!("base_model.model.{module}.lora_B.weight"),
+                    Dtype::F32,
+                    vec![out, 4],
+                    seed + 1,
+                ),
+            ]
+        };
+        let mut adapter_tensors = lora(q, 40, 24, 10);
+        adapter_tensors.extend(lora(o, 24, 40, 20));
+        let magnitude: Vec<f32> = random(24, 30).iter().map(|x| x + 1.0).collect();
+        adapter_tensors.push((
+            TensorSpec::new(
+                format!("base_model.model.{o}.lora_magnitude_vector"),
+                Dtype::F32,
+                vec![24],
+            ),
+            tensor_from_f32(&magnitude, Dtype::F32),
+        ));
+        let borrowed: Vec<(TensorSpec, &[u8])> = adapter_tensors
+            .iter()
+            .map(|(s, b)| (s.clone(), &b[..]))
+            .collect();
+        write_safetensors(
+            adapter_dir.join("adapter_model.safetensors"),
+            &borrowed,
+            &Default::default(),
+        )
+        .unwrap();
+
+        let adapter = Adapter::open(&adapter_dir).unwrap();
+        let base = Checkpoint::open(&base_dir).unwrap();
+        let rewrite = LoraRewrite::new(&adapter, &base, &base_dir).unwrap();
+        for (name, path) in [
+            ("reserved", WritePath::Reserved),
+            ("buffered", WritePath::Buffered),
+        ] {
+            let out = dir.path().join(name);
+            std::fs::create_dir(&out).unwrap();
+            let summary =
+                rewrite_checkpoint_with(&base, &base_dir, &out, &rewrite, false, path).unwrap();
+            assert_eq!((summary.tensors_rewritten, summary.tensors_copied), (2, 2));
+        }
+        assert_same_files(&dir.path().join("reserved"), &dir.path().join("buffered"));
+        let merged = Checkpoint::open(dir.path().join("reserved")).unwrap();
+        for name in ["model.embed_tokens.weight", "model.norm.weight"] {
+            assert_eq!(merged.bytes(name), base.bytes(name), "{name} copied");
+        }
+        for module in [q, o] {
+            let name = format!("{module}.weight");
+            assert_ne!(merged.bytes(&name), base.bytes(&name), "{name} merged");
+        }
+    }
 }

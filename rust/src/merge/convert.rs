@@ -160,7 +160,7 @@ fn from_f32_plain(values: &[f32], dtype: Dtype, out: &mut [u8]) {
 /// `f32 -> bf16` rounding to nearest even (NaN stays NaN), branch-free on finite values so the
 /// loop vectorises; agrees with `half::bf16::from_f32` (tested below).
 #[inline(always)]
-fn bf16_bits(v: f32) -> u16 {
+pub(crate) fn bf16_bits(v: f32) -> u16 {
     let bits = v.to_bits();
     if v.is_nan() {
         return ((bits >> 16) | 0x0040) as u16;

@@ -44,6 +44,10 @@ pub fn matmul_transposed(
         .for_each_init(Vec::new, |rows_f32: &mut Vec<f32>, (task, out)| {
             let here = out.len() / n;
             let first = task * ROWS_PER_TASK;
+            let stored = &w[first * row_bytes..(first + here) * row_bytes];
+            if dtype == Dtype::BF16 && dots_bf16(stored, here, in_dim, x, n, out) {
+                return;
+            }
             rows_f32.resize(here * in_dim, 0.0);
             to_f32(
                 &w[first * row_bytes..(first + here) * row_bytes],
@@ -116,6 +120,125 @@ unsafe fn dots_avx2(w: &[f32], rows: usize, in_dim: usize, x: &[f32], n: usize, 
                 out[r * n + t] = dot(&w[r * in_dim..][..in_dim], &x[t * in_dim..][..in_dim]);
             }
         }
+    }
+}
+
+/// [`dots`] on BF16 rows read straight from their stored bytes, each 8-element load decoded
+/// in registers (a widening shift, exact) instead of through an f32 copy of the rows, so the
+/// weight's first read from memory overlaps the FMAs. The same products summed in the same
+/// order as [`dots_avx2`] on the decoded rows. Returns false (nothing done) without AVX2 + FMA.
+fn dots_bf16(w: &[u8], rows: usize, in_dim: usize, x: &[f32], n: usize, out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { dots_bf16_avx2(w, rows, in_dim, x, n, out) };
+            return true;
+        }
+    }
+    let _ = (w, rows, in_dim, x, n, out);
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_bf16_avx2(
+    w: &[u8],
+    rows: usize,
+    in_dim: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(w.len() >= 2 * rows * in_dim && x.len() >= n * in_dim && out.len() >= rows * n);
+    // SAFETY: the assert bounds every pointer offset below: rows · in_dim BF16 elements of w,
+    // n · in_dim of x.
+    unsafe {
+        let mut r = 0;
+        while r + 4 <= rows {
+            let wp = [0, 1, 2, 3].map(|k| w.as_ptr().add(2 * (r + k) * in_dim) as *const u16);
+            let mut t = 0;
+            while t < n {
+                let xp = |j: usize| x.as_ptr().add((t + j) * in_dim);
+                t += match n - t {
+                    1 => store(block_bf16_avx2::<1>(wp, [xp(0)], in_dim), out, r, t, n),
+                    2 => store(
+                        block_bf16_avx2::<2>(wp, [xp(0), xp(1)], in_dim),
+                        out,
+                        r,
+                        t,
+                        n,
+                    ),
+                    _ => store(
+                        block_bf16_avx2::<3>(wp, [xp(0), xp(1), xp(2)], in_dim),
+                        out,
+                        r,
+                        t,
+                        n,
+                    ),
+                };
+            }
+            r += 4;
+        }
+        let mut row = vec![0f32; in_dim];
+        for r in r..rows {
+            to_f32(
+                &w[2 * r * in_dim..2 * (r + 1) * in_dim],
+                Dtype::BF16,
+                &mut row,
+            );
+            for t in 0..n {
+                out[r * n + t] = dot(&row, &x[t * in_dim..][..in_dim]);
+            }
+        }
+    }
+}
+
+/// [`block_avx2`] with the 4 weight rows in BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block_bf16_avx2<const T: usize>(
+    wp: [*const u16; 4],
+    xp: [*const f32; T],
+    len: usize,
+) -> [[f32; 4]; T] {
+    use std::arch::x86_64::*;
+    let body = len / LANES * LANES;
+    let decode = |at: *const u16| {
+        // SAFETY (at the call): 8 readable elements behind `at`.
+        let halves = unsafe { _mm_loadu_si128(at as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+    };
+    let scalar = |at: *const u16| {
+        // SAFETY (at the call): one readable element behind `at` (unaligned in the file).
+        f32::from_bits((unsafe { at.read_unaligned() } as u32) << 16)
+    };
+    // SAFETY: the caller guarantees `len` readable elements behind every pointer.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 4]; T];
+        let mut i = 0;
+        while i < body {
+            let xs = xp.map(|p| _mm256_loadu_ps(p.add(i)));
+            for k in 0..4 {
+                let wk = decode(wp[k].add(i));
+                for j in 0..T {
+                    acc[j][k] = _mm256_fmadd_ps(wk, xs[j], acc[j][k]);
+                }
+            }
+            i += LANES;
+        }
+        let mut sums = [[0f32; 4]; T];
+        for j in 0..T {
+            for k in 0..4 {
+                let mut s = horizontal_sum(acc[j][k]);
+                for i in body..len {
+                    s = scalar(wp[k].add(i)).mul_add(*xp[j].add(i), s);
+                }
+                sums[j][k] = s;
+            }
+        }
+        sums
     }
 }
 
@@ -507,6 +630,21 @@ mod tests {
                 if dtype == Dtype::F32 {
                     assert_eq!(expected, reference);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rows_dot_as_their_decoded_copy_bit_for_bit() {
+        for (rows, in_dim, n) in [(9, 53, 9), (8, 16, 4), (5, 40, 3), (4, 8, 1), (12, 200, 32)] {
+            let w = tensor_from_f32(&random(rows * in_dim, 5), Dtype::BF16);
+            let x = random(n * in_dim, 6);
+            let decoded = crate::merge::convert::tensor_to_f32(&w, Dtype::BF16);
+            let mut expected = vec![0f32; rows * n];
+            dots(&decoded, rows, in_dim, &x, n, &mut expected);
+            let mut got = vec![0f32; rows * n];
+            if dots_bf16(&w, rows, in_dim, &x, n, &mut got) {
+                assert_eq!(got, expected, "{rows}x{in_dim}, {n} inputs");
             }
         }
     }

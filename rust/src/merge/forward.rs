@@ -404,8 +404,8 @@ impl Stored<'_> {
     }
 
     /// Calls `each(bytes, first_row)` on consecutive slabs of rows (of `row_len` elements) of
-    /// the stored dtype; mapped pages are populated before (the next slab's while this one is
-    /// used) and released after each slab.
+    /// the stored dtype; mapped pages are populated before each slab and released after it (the
+    /// next slab's populated and the previous one's released while this one is used).
     fn for_each_slab(&self, row_len: usize, mut each: impl FnMut(&[u8], usize)) -> Result<()> {
         let row_bytes = row_len * self.dtype().size();
         let rows = self.shape().iter().product::<usize>() / row_len.max(1);
@@ -431,23 +431,29 @@ impl Stored<'_> {
             )
         };
         let file = self.file;
-        if let Some(&slab) = slabs.first() {
-            let (begin, stop) = bytes_of(slab);
-            populate(file, begin, stop);
-        }
-        // The next slab's pages are mapped on a helper thread while this one is computed.
+        // The first slab is faulted in by the threads computing it (populating it here would
+        // leave them idle meanwhile).
+        // While a slab is computed (on every core), a helper thread releases the previous one's
+        // pages and maps the next one's, so neither waits on the other.
         std::thread::scope(|scope| {
+            let mut used: Option<(usize, usize)> = None;
             for (k, &(first, end)) in slabs.iter().enumerate() {
-                let prefetch = slabs.get(k + 1).map(|&next| {
-                    let (begin, stop) = bytes_of(next);
-                    scope.spawn(move || populate(file, begin, stop))
+                let next = slabs.get(k + 1).map(|&next| bytes_of(next));
+                let previous = used.take();
+                let helper = scope.spawn(move || {
+                    if let Some((begin, stop)) = previous {
+                        release(file, begin, stop);
+                    }
+                    if let Some((begin, stop)) = next {
+                        populate(file, begin, stop);
+                    }
                 });
                 each(&data[first * row_bytes..end * row_bytes], first);
-                let (begin, stop) = bytes_of((first, end));
+                used = Some(bytes_of((first, end)));
+                helper.join().expect("populate and release do not panic");
+            }
+            if let Some((begin, stop)) = used {
                 release(file, begin, stop);
-                if let Some(handle) = prefetch {
-                    handle.join().expect("populate does not panic");
-                }
             }
         });
         Ok(())
