@@ -85,41 +85,26 @@ fn dots(w: &[f32], rows: usize, in_dim: usize, x: &[f32], n: usize, out: &mut [f
     dots_plain(w, rows, in_dim, x, n, out);
 }
 
-/// [`dots_plain`] with AVX2 + FMA intrinsics: blocks of 4 weight rows x 3 inputs, twelve 8-lane
-/// accumulators (enough independent FMA chains to hide their latency), so each weight load serves
-/// three inputs and each input load four rows.
+/// [`dots_plain`] with AVX2 + FMA intrinsics (see [`dots_rows_avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dots_avx2(w: &[f32], rows: usize, in_dim: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
     assert!(w.len() >= rows * in_dim && x.len() >= n * in_dim && out.len() >= rows * n);
-    // SAFETY: the assert bounds every pointer offset below: rows · in_dim elements of w,
-    // n · in_dim of x.
+    // SAFETY: the assert bounds every row pointer (rows · in_dim elements of w); the closures
+    // read 8 or 1 elements where the driver says they are readable.
     unsafe {
-        let mut r = 0;
-        while r + 4 <= rows {
-            let wp = [0, 1, 2, 3].map(|k| w.as_ptr().add((r + k) * in_dim));
-            let mut t = 0;
-            while t < n {
-                let xp = |j: usize| x.as_ptr().add((t + j) * in_dim);
-                t += match n - t {
-                    1 => store(block_avx2::<1>(wp, [xp(0)], in_dim), out, r, t, n),
-                    2 => store(block_avx2::<2>(wp, [xp(0), xp(1)], in_dim), out, r, t, n),
-                    _ => store(
-                        block_avx2::<3>(wp, [xp(0), xp(1), xp(2)], in_dim),
-                        out,
-                        r,
-                        t,
-                        n,
-                    ),
-                };
-            }
-            r += 4;
-        }
-        for r in r..rows {
-            for t in 0..n {
-                out[r * n + t] = dot(&w[r * in_dim..][..in_dim], &x[t * in_dim..][..in_dim]);
-            }
-        }
+        dots_rows_avx2(
+            |r| w.as_ptr().add(r * in_dim),
+            |at| _mm256_loadu_ps(at),
+            |at| *at,
+            |r| std::borrow::Cow::Borrowed(&w[r * in_dim..(r + 1) * in_dim]),
+            rows,
+            in_dim,
+            x,
+            n,
+            out,
+        )
     }
 }
 
@@ -150,27 +135,86 @@ unsafe fn dots_bf16_avx2(
     n: usize,
     out: &mut [f32],
 ) {
+    use std::arch::x86_64::*;
     assert!(w.len() >= 2 * rows * in_dim && x.len() >= n * in_dim && out.len() >= rows * n);
-    // SAFETY: the assert bounds every pointer offset below: rows · in_dim BF16 elements of w,
-    // n · in_dim of x.
+    let decoded = |r: usize| {
+        let mut row = vec![0f32; in_dim];
+        to_f32(
+            &w[2 * r * in_dim..2 * (r + 1) * in_dim],
+            Dtype::BF16,
+            &mut row,
+        );
+        std::borrow::Cow::Owned(row)
+    };
+    // SAFETY: the assert bounds every row pointer (rows · in_dim BF16 elements of w); the
+    // closures read 8 or 1 elements where the driver says they are readable (any alignment).
+    unsafe {
+        dots_rows_avx2(
+            |r| w.as_ptr().add(2 * r * in_dim) as *const u16,
+            |at: *const u16| {
+                let halves = _mm_loadu_si128(at as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+            },
+            |at: *const u16| f32::from_bits((at.read_unaligned() as u32) << 16),
+            decoded,
+            rows,
+            in_dim,
+            x,
+            n,
+            out,
+        )
+    }
+}
+
+/// `out[r * n + t] = W[r] · x[t]` for weight rows of element type `E`: `row(r)` points at row r,
+/// `eight(p)` reads 8 elements at p as f32 lanes, `one(p)` a single element, `row_f32(r)` is
+/// row r in f32 (for the rows past the last whole block of 4). Blocks of 4 weight rows x 3
+/// inputs: twelve 8-lane accumulators (enough independent FMA chains to hide their latency), so
+/// each weight load serves three inputs and each input load four rows.
+///
+/// SAFETY: `row(r)` must point at `in_dim` readable elements for every r < rows, and x hold
+/// n · in_dim values, out rows · n.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_rows_avx2<'w, E>(
+    row: impl Fn(usize) -> *const E,
+    eight: impl Fn(*const E) -> std::arch::x86_64::__m256 + Copy,
+    one: impl Fn(*const E) -> f32 + Copy,
+    row_f32: impl Fn(usize) -> std::borrow::Cow<'w, [f32]>,
+    rows: usize,
+    in_dim: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(x.len() >= n * in_dim && out.len() >= rows * n);
+    // SAFETY: the caller's contract on `row`; x and out bounded by the assert.
     unsafe {
         let mut r = 0;
         while r + 4 <= rows {
-            let wp = [0, 1, 2, 3].map(|k| w.as_ptr().add(2 * (r + k) * in_dim) as *const u16);
+            let wp = [0, 1, 2, 3].map(|k| row(r + k));
             let mut t = 0;
             while t < n {
                 let xp = |j: usize| x.as_ptr().add((t + j) * in_dim);
                 t += match n - t {
-                    1 => store(block_bf16_avx2::<1>(wp, [xp(0)], in_dim), out, r, t, n),
+                    1 => store(
+                        block_avx2::<E, 1>(wp, [xp(0)], in_dim, eight, one),
+                        out,
+                        r,
+                        t,
+                        n,
+                    ),
                     2 => store(
-                        block_bf16_avx2::<2>(wp, [xp(0), xp(1)], in_dim),
+                        block_avx2::<E, 2>(wp, [xp(0), xp(1)], in_dim, eight, one),
                         out,
                         r,
                         t,
                         n,
                     ),
                     _ => store(
-                        block_bf16_avx2::<3>(wp, [xp(0), xp(1), xp(2)], in_dim),
+                        block_avx2::<E, 3>(wp, [xp(0), xp(1), xp(2)], in_dim, eight, one),
                         out,
                         r,
                         t,
@@ -180,65 +224,12 @@ unsafe fn dots_bf16_avx2(
             }
             r += 4;
         }
-        let mut row = vec![0f32; in_dim];
         for r in r..rows {
-            to_f32(
-                &w[2 * r * in_dim..2 * (r + 1) * in_dim],
-                Dtype::BF16,
-                &mut row,
-            );
+            let weights = row_f32(r);
             for t in 0..n {
-                out[r * n + t] = dot(&row, &x[t * in_dim..][..in_dim]);
+                out[r * n + t] = dot(&weights, &x[t * in_dim..][..in_dim]);
             }
         }
-    }
-}
-
-/// [`block_avx2`] with the 4 weight rows in BF16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn block_bf16_avx2<const T: usize>(
-    wp: [*const u16; 4],
-    xp: [*const f32; T],
-    len: usize,
-) -> [[f32; 4]; T] {
-    use std::arch::x86_64::*;
-    let body = len / LANES * LANES;
-    let decode = |at: *const u16| {
-        // SAFETY (at the call): 8 readable elements behind `at`.
-        let halves = unsafe { _mm_loadu_si128(at as *const __m128i) };
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
-    };
-    let scalar = |at: *const u16| {
-        // SAFETY (at the call): one readable element behind `at` (unaligned in the file).
-        f32::from_bits((unsafe { at.read_unaligned() } as u32) << 16)
-    };
-    // SAFETY: the caller guarantees `len` readable elements behind every pointer.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 4]; T];
-        let mut i = 0;
-        while i < body {
-            let xs = xp.map(|p| _mm256_loadu_ps(p.add(i)));
-            for k in 0..4 {
-                let wk = decode(wp[k].add(i));
-                for j in 0..T {
-                    acc[j][k] = _mm256_fmadd_ps(wk, xs[j], acc[j][k]);
-                }
-            }
-            i += LANES;
-        }
-        let mut sums = [[0f32; 4]; T];
-        for j in 0..T {
-            for k in 0..4 {
-                let mut s = horizontal_sum(acc[j][k]);
-                for i in body..len {
-                    s = scalar(wp[k].add(i)).mul_add(*xp[j].add(i), s);
-                }
-                sums[j][k] = s;
-            }
-        }
-        sums
     }
 }
 
@@ -259,15 +250,17 @@ fn store<const T: usize>(
     T
 }
 
-/// The dot products of 4 weight rows `wp` with `T` inputs `xp`, each `len` long:
-/// `[input][row]`.
+/// The dot products of 4 weight rows `wp` (elements read by `eight` / `one`) with `T` inputs
+/// `xp`, each `len` long: `[input][row]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn block_avx2<const T: usize>(
-    wp: [*const f32; 4],
+unsafe fn block_avx2<E, const T: usize>(
+    wp: [*const E; 4],
     xp: [*const f32; T],
     len: usize,
+    eight: impl Fn(*const E) -> std::arch::x86_64::__m256,
+    one: impl Fn(*const E) -> f32,
 ) -> [[f32; 4]; T] {
     use std::arch::x86_64::*;
     let body = len / LANES * LANES;
@@ -278,7 +271,7 @@ unsafe fn block_avx2<const T: usize>(
         while i < body {
             let xs = xp.map(|p| _mm256_loadu_ps(p.add(i)));
             for k in 0..4 {
-                let wk = _mm256_loadu_ps(wp[k].add(i));
+                let wk = eight(wp[k].add(i));
                 for j in 0..T {
                     acc[j][k] = _mm256_fmadd_ps(wk, xs[j], acc[j][k]);
                 }
@@ -290,7 +283,7 @@ unsafe fn block_avx2<const T: usize>(
             for k in 0..4 {
                 let mut s = horizontal_sum(acc[j][k]);
                 for i in body..len {
-                    s = (*wp[k].add(i)).mul_add(*xp[j].add(i), s);
+                    s = one(wp[k].add(i)).mul_add(*xp[j].add(i), s);
                 }
                 sums[j][k] = s;
             }

@@ -258,59 +258,46 @@ unsafe fn merge_four_bf16_rows_avx2(
 ) {
     use std::arch::x86_64::*;
     assert!(w.len() == 8 * n && out.len() == 8 * n);
-    assert!(coeff.len() == 4 * rank && basis.len() == rank * n);
-    let body = n / 16 * 16;
-    // SAFETY: the asserts bound every offset: j + 16 <= body <= n within each of the 4 rows
-    // (2 bytes an element) and the rank basis rows; coefficient (row, k) < 4 · rank.
+    let (w_ptr, out_ptr) = (w.as_ptr(), out.as_mut_ptr());
+    let decode = |at: usize| {
+        // SAFETY (at the call): 8 elements (16 bytes) of the checked rows from element `at`.
+        let halves = unsafe { _mm_loadu_si128(w_ptr.add(2 * at) as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+    };
+    let round = |v: __m256| {
+        let bits = _mm256_castps_si256(v);
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+        let bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
+        let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
+        let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        _mm256_blendv_epi8(rounded, quiet, nan)
+    };
+    // SAFETY: the asserts here and in the core bound every element index to the 4 rows of n.
     unsafe {
-        let (w_ptr, out_ptr, basis_ptr) = (w.as_ptr(), out.as_mut_ptr(), basis.as_ptr());
-        let decode = |at: *const u8| {
-            let halves = _mm_loadu_si128(at as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
-        };
-        let round = |v: __m256| {
-            let bits = _mm256_castps_si256(v);
-            let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
-            let bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd);
-            let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(bits, bias));
-            let quiet = _mm256_or_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(0x40));
-            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-            _mm256_blendv_epi8(rounded, quiet, nan)
-        };
-        let mut j = 0;
-        while j < body {
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-            for (row, pair) in acc.iter_mut().enumerate() {
-                pair[0] = decode(w_ptr.add(2 * (row * n + j)));
-                pair[1] = decode(w_ptr.add(2 * (row * n + j + 8)));
-            }
-            for k in 0..rank {
-                let p0 = _mm256_loadu_ps(basis_ptr.add(k * n + j));
-                let p1 = _mm256_loadu_ps(basis_ptr.add(k * n + j + 8));
-                for (row, pair) in acc.iter_mut().enumerate() {
-                    let c = _mm256_broadcast_ss(&coeff[row * rank + k]);
-                    pair[0] = _mm256_fmadd_ps(p0, c, pair[0]);
-                    pair[1] = _mm256_fmadd_ps(p1, c, pair[1]);
-                }
-            }
-            for (row, pair) in acc.iter().enumerate() {
+        update_four_rows_avx2(
+            coeff,
+            basis,
+            n,
+            rank,
+            |at| [decode(at), decode(at + 8)],
+            |at, pair: [__m256; 2]| {
                 // 32-bit lanes holding 16-bit values: pack (per 128-bit half), then reorder
                 let packed = _mm256_packus_epi32(round(pair[0]), round(pair[1]));
                 let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
-                _mm256_storeu_si256(out_ptr.add(2 * (row * n + j)) as *mut __m256i, ordered);
-            }
-            j += 16;
-        }
-    }
-    for row in 0..4 {
-        for j in body..n {
-            let at = 2 * (row * n + j);
-            let mut a = f32::from_bits((u16::from_le_bytes([w[at], w[at + 1]]) as u32) << 16);
-            for k in 0..rank {
-                a = basis[k * n + j].mul_add(coeff[row * rank + k], a);
-            }
-            out[at..at + 2].copy_from_slice(&bf16_bits(a).to_le_bytes());
-        }
+                _mm256_storeu_si256(out_ptr.add(2 * at) as *mut __m256i, ordered);
+            },
+            |at| {
+                f32::from_bits(
+                    (u16::from_le_bytes([*w_ptr.add(2 * at), *w_ptr.add(2 * at + 1)]) as u32) << 16,
+                )
+            },
+            |at, a| {
+                let bytes = bf16_bits(a).to_le_bytes();
+                *out_ptr.add(2 * at) = bytes[0];
+                *out_ptr.add(2 * at + 1) = bytes[1];
+            },
+        )
     }
 }
 
@@ -349,9 +336,7 @@ pub(crate) fn add_combinations(rows: &mut [f32], n: usize, coeff: &[f32], basis:
     }
 }
 
-/// Four rows at once, 16 columns at a time held in registers across the whole rank: per basis
-/// row, two loads and four broadcasts feed eight FMAs (the one-row loop re-reads and re-writes
-/// the row for every pair of basis rows).
+/// Four f32 rows updated in place through [`update_four_rows_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn add_four_rows_avx2(
@@ -362,19 +347,64 @@ unsafe fn add_four_rows_avx2(
     rank: usize,
 ) {
     use std::arch::x86_64::*;
-    assert!(rows.len() == 4 * n && coeff.len() == 4 * rank && basis.len() == rank * n);
-    let body = n / 16 * 16;
-    // SAFETY: the assert bounds every offset: j + 16 <= body <= n within each of the 4 rows and
-    // the rank basis rows; coefficient (row, k) < 4 · rank.
+    assert!(rows.len() == 4 * n);
+    let acc = rows.as_mut_ptr();
+    // SAFETY: the asserts here and in the core bound every element index to the 4 rows of n.
     unsafe {
-        let (acc_ptr, basis_ptr) = (rows.as_mut_ptr(), basis.as_ptr());
+        update_four_rows_avx2(
+            coeff,
+            basis,
+            n,
+            rank,
+            |at| {
+                [
+                    _mm256_loadu_ps(acc.add(at)),
+                    _mm256_loadu_ps(acc.add(at + 8)),
+                ]
+            },
+            |at, pair: [__m256; 2]| {
+                _mm256_storeu_ps(acc.add(at), pair[0]);
+                _mm256_storeu_ps(acc.add(at + 8), pair[1]);
+            },
+            |at| *acc.add(at),
+            |at, a| *acc.add(at) = a,
+        )
+    }
+}
+
+/// The core of both four-row kernels: four rows of n columns, 16 columns at a time held in
+/// registers across the whole rank (per basis row, two loads and four broadcasts feed eight
+/// FMAs, where the one-row loop re-reads and re-writes the row for every pair of basis rows).
+/// `load(at)` gives the 16 values from element index `at` (row · n + column) as two 8-lane
+/// vectors, `store(at, v)` takes them back; `load1` / `store1` do one element, for the last
+/// n mod 16 columns. Every element gets the rank's fused multiply-adds in order k = 0, 1, ….
+///
+/// SAFETY: `load`, `store`, `load1` and `store1` must be valid for every element index of the
+/// four rows (0 ≤ at < 4n; the 16-wide ones at column ≤ n − 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn update_four_rows_avx2(
+    coeff: &[f32],
+    basis: &[f32],
+    n: usize,
+    rank: usize,
+    load: impl Fn(usize) -> [std::arch::x86_64::__m256; 2],
+    mut store: impl FnMut(usize, [std::arch::x86_64::__m256; 2]),
+    load1: impl Fn(usize) -> f32,
+    mut store1: impl FnMut(usize, f32),
+) {
+    use std::arch::x86_64::*;
+    assert!(coeff.len() == 4 * rank && basis.len() == rank * n);
+    let body = n / 16 * 16;
+    let basis_ptr = basis.as_ptr();
+    // SAFETY: j + 16 <= body <= n within each basis row (the assert); the row accesses are the
+    // caller's contract.
+    unsafe {
         let mut j = 0;
         while j < body {
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-            for (row, pair) in acc.iter_mut().enumerate() {
-                pair[0] = _mm256_loadu_ps(acc_ptr.add(row * n + j));
-                pair[1] = _mm256_loadu_ps(acc_ptr.add(row * n + j + 8));
-            }
+            let mut acc = [0, 1, 2, 3].map(|row| load(row * n + j));
             for k in 0..rank {
                 let p0 = _mm256_loadu_ps(basis_ptr.add(k * n + j));
                 let p1 = _mm256_loadu_ps(basis_ptr.add(k * n + j + 8));
@@ -384,22 +414,19 @@ unsafe fn add_four_rows_avx2(
                     pair[1] = _mm256_fmadd_ps(p1, c, pair[1]);
                 }
             }
-            for (row, pair) in acc.iter().enumerate() {
-                _mm256_storeu_ps(acc_ptr.add(row * n + j), pair[0]);
-                _mm256_storeu_ps(acc_ptr.add(row * n + j + 8), pair[1]);
+            for (row, pair) in acc.into_iter().enumerate() {
+                store(row * n + j, pair);
             }
             j += 16;
         }
     }
-    if body < n {
-        for row in 0..4 {
-            for j in body..n {
-                let mut a = rows[row * n + j];
-                for k in 0..rank {
-                    a = basis[k * n + j].mul_add(coeff[row * rank + k], a);
-                }
-                rows[row * n + j] = a;
+    for row in 0..4 {
+        for j in body..n {
+            let mut a = load1(row * n + j);
+            for k in 0..rank {
+                a = basis[k * n + j].mul_add(coeff[row * rank + k], a);
             }
+            store1(row * n + j, a);
         }
     }
 }
