@@ -18,7 +18,9 @@ sharded like every other parameter.
 Runs that keep the whole-model load (`sharded_load_blocker` says why): training from scratch
 (`init_weights` draws the whole model from one generator), adapters whose initialisation reads the
 base weights (DoRA's magnitude, PiSSA's SVD), other PEFT methods and multi-task adapters, and
-`modules_to_save` (a trained copy of a base module).
+`modules_to_save` (a trained copy of a base module). A 4-bit (NF4, QLoRA) base is quantized from
+whole weights and FSDP2 restricts uint8 shards (`dist.holds_quantized_storage`); `ferrotune train`
+does not build one, and the Python API's QLoRA under FSDP keeps the whole-model load.
 """
 
 from __future__ import annotations
