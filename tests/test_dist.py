@@ -806,7 +806,7 @@ def sharded_train_job(env: fd.DistEnv, out: str, method: str) -> None:
             "local": {
                 name: list(p.to_local().shape) if fd._is_dtensor(p) else None for name, p in params.items()
             },
-            "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+            "tied": getattr(model.lm_head, "weight", None) is model.model.embed_tokens.weight,
         }
         with open(os.path.join(out, f"shards.rank{env.rank}.json"), "w") as f:
             json.dump(record, f)
