@@ -262,23 +262,24 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     from ferrotune.train import multitask
     from ferrotune.train.sharded_load import load_sharded_model, sharded_load_blocker
 
+    sharded = env.distributed and sharded_load_blocker(config) is None
+    if sharded:  # FSDP: built on the meta device, [peft] applied, sharded, each rank reads its shards
+        model = load_sharded_model(config, env, model_dtype(config, device), tokenizer=tokenizer, quiet=quiet)
+    else:  # the whole model on every rank (sharded by the loop under FSDP; see sharded_load_blocker)
+        model = build_model(config, device)
     # a mixture's task names: per-task evaluation always, [multitask] for routing and loss weights
     asked = multitask.multitask_enabled(config)
     tasks = (
         multitask.resolve_tasks(config, train_rows) if asked else multitask.task_names_from_rows(train_rows)
     )
-    if env.distributed and sharded_load_blocker(config) is None:
-        # FSDP: built on the meta device, [peft] applied, sharded, then each rank reads its shards
-        dtype = model_dtype(config, device)
-        model = load_sharded_model(config, env, dtype, tokenizer=tokenizer, quiet=quiet)
-    else:  # the whole model on every rank (sharded by the loop under FSDP; see sharded_load_blocker)
-        model = build_model(config, device)
-        if asked:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
-            model = multitask.apply_multitask_peft(model, config, tasks, quiet=quiet)
-        elif config.peft.method:  # [peft]: a parameter-efficient method (prints its trainable share)
-            from ferrotune.peft import apply_peft_section
+    if sharded:
+        pass  # [peft] was applied while loading; multi-task runs never load sharded
+    elif asked:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
+        model = multitask.apply_multitask_peft(model, config, tasks, quiet=quiet)
+    elif config.peft.method:  # [peft]: a parameter-efficient method on top (prints its trainable share)
+        from ferrotune.peft import apply_peft_section
 
-            model = apply_peft_section(model, config.peft, tokenizer=tokenizer, quiet=quiet)
+        model = apply_peft_section(model, config.peft, tokenizer=tokenizer, quiet=quiet)
     split = {"rank": env.rank, "world_size": env.world_size}  # each rank reads its rows
     batches = RowBatches(
         train_rows, config.train.batch_size, shuffle=config.data.shuffle, seed=config.seed, **split
