@@ -24,6 +24,7 @@ from ferrotune.train import dist as fd
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.multiprocessing.spawn import ProcessException
+from torch.utils._python_dispatch import TorchDispatchMode
 
 VOCAB, DIM, LAYERS, ROWS, SEQ = 48, 16, 3, 4, 12
 STEPS = 3
@@ -718,6 +719,178 @@ def test_torchrun_ferrotune_train_fsdp_equals_one_process(tmp_path):
     )
     assert (tmp_path / "two" / "final" / "tokenizer.json").exists()
     assert fd.is_sharded_checkpoint(tmp_path / "two" / "checkpoints" / "step-000002")
+
+
+# --------------------------------------------------------------------------------------------------
+# `ferrotune train` under FSDP from a pretrained checkpoint: loaded shard by shard
+# --------------------------------------------------------------------------------------------------
+
+LOAD_TOML = """
+task = "pretrain"
+seed = 4
+[model]
+path = "{base}"
+tokenizer = "{tok}"
+[data]
+train = "{corpus}"
+seq_len = 32
+[train]
+steps = 3
+batch_size = 2
+lr = 1e-2
+warmup_steps = 1
+strategy = "fsdp"
+{offload}
+[run]
+output_dir = "{out}"
+log_every = 1
+tensorboard = false
+plot = false
+{peft}
+"""
+LORA_SECTION = '[peft]\nmethod = "lora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }'
+ADAPTER_SEED = 11  # the global RNG state LoRA draws its A matrices from, the same in every run
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest storage an operator allocates on a real device (for a sharded
+    parameter, the local shard this rank holds). A result sharing an input's storage (a view, an
+    in-place update, a slice of the mapped file) allocates nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes, self.op = 0, ""
+
+    @staticmethod
+    def _storages(tree) -> list[torch.UntypedStorage]:
+        from torch.distributed.tensor import DTensor
+        from torch.utils._pytree import tree_leaves
+
+        found = []
+        for t in tree_leaves(tree):
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if isinstance(local, torch.Tensor) and not local.is_meta:
+                found.append(local.untyped_storage())
+        return found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {s.data_ptr() for s in self._storages((args, kwargs))}
+        for storage in self._storages(out):
+            if storage.data_ptr() not in given and storage.nbytes() > self.nbytes:
+                self.nbytes, self.op = storage.nbytes(), str(func)
+        return out
+
+
+def sharded_train_job(env: fd.DistEnv, out: str, method: str) -> None:
+    """Runs `ferrotune train` from the config the test wrote, with two probes: the whole-model
+    loader is forbidden, and the model reaching the training loop is inspected (every parameter
+    a DTensor holding its local shard only; the largest tensor allocated while building it)."""
+    from ferrotune.config import load_config
+    from ferrotune.train import run
+
+    def whole_model_load(*args, **kwargs):
+        raise AssertionError("ferrotune.models.load.load_model: the whole model on one rank")
+
+    allocation = LargestAllocation()
+    train_loop = run.train_loop
+
+    def inspect_then_train(model, *args, **kwargs):
+        allocation.__exit__(None, None, None)
+        params = dict(model.named_parameters())
+        record = {
+            "largest_allocation": allocation.nbytes,
+            "largest_allocation_op": allocation.op,
+            "largest_parameter": max(p.numel() * p.element_size() for p in params.values()),
+            "full": {name: list(p.shape) for name, p in params.items()},
+            "local": {
+                name: list(p.to_local().shape) if fd._is_dtensor(p) else None for name, p in params.items()
+            },
+            "tied": getattr(model.lm_head, "weight", None) is model.model.embed_tokens.weight,
+        }
+        with open(os.path.join(out, f"shards.rank{env.rank}.json"), "w") as f:
+            json.dump(record, f)
+        return train_loop(model, *args, **kwargs)
+
+    run.load_model = whole_model_load  # this process only: the rank that the test spawned
+    run.train_loop = inspect_then_train
+    torch.manual_seed(ADAPTER_SEED)
+    allocation.__enter__()
+    run.train_from_config(load_config(os.path.join(out, f"{method}.toml")))
+
+
+def job_sharded_full(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "full")
+
+
+def job_sharded_lora(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "lora")
+
+
+def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
+    import random
+
+    from ferrotune.config import load_config
+    from ferrotune.models import CausalLM, LlamaConfig, save_model
+    from ferrotune.quickstart import train_tokenizer
+    from ferrotune.train.run import train_from_config
+
+    rng = random.Random(0)
+    words = ["salt", "amber", "wool", "figs", "glass", "rope", "honey", "tin", "boat", "sea"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choices(words, k=rng.randint(5, 30))) for _ in range(40)))
+    train_tokenizer(corpus, tmp_path / "tok", vocab_size=320)
+    base = CausalLM(
+        LlamaConfig(
+            vocab_size=321,  # odd: the ranks' shards of the embedding differ by a row
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    base.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
+    save_model(base, tmp_path / "base")
+
+    for method in ("full", "lora"):
+        job = f"job_sharded_{method}"
+        (tmp_path / job).mkdir()
+        peft = LORA_SECTION if method == "lora" else ""
+        offload = "fsdp_cpu_offload = true" if method == "lora" else ""  # shards kept on the CPU
+        text = dict(base=tmp_path / "base", tok=tmp_path / "tok", corpus=corpus, peft=peft, offload=offload)
+        toml = tmp_path / job / f"{method}.toml"
+        toml.write_text(LOAD_TOML.format(out=tmp_path / job / "run", **text))
+        out = run_ranks(job, tmp_path)
+
+        # One process, the whole model, the same global batch (2 rows x 2 ranks).
+        torch.manual_seed(ADAPTER_SEED)
+        one_dir = tmp_path / f"one-{method}"
+        overrides = ["train.strategy=none", "train.fsdp_cpu_offload=false", "train.batch_size=4"]
+        one = train_from_config(load_config(toml, [*overrides, f"run.output_dir={one_dir}"]), quiet=True)
+        lines = (tmp_path / job / "run" / "metrics.jsonl").read_text().splitlines()
+        two = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+        assert two == pytest.approx(one.result.losses, rel=1e-5) and len(two) == 3
+        weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+        got, want = (
+            load_file(tmp_path / job / "run" / "final" / weights),
+            load_file(one_dir / "final" / weights),
+        )
+        assert set(got) == set(want) and len(got) == (2 * 7 * 2 if method == "lora" else 2 * 9 + 2)
+        _assert_close_states(got, want)
+
+        for rank in (0, 1):
+            shards = read_json(os.path.join(out, f"shards.rank{rank}.json"))
+            assert shards["tied"]
+            # every parameter sharded on dim 0 as FSDP2 splits it: rank 0 ceil(rows / 2) rows, rank 1 the rest
+            for name, (rows, *rest) in shards["full"].items():
+                half = (rows + 1) // 2
+                assert shards["local"][name] == [half if rank == 0 else rows - half, *rest], name
+            # nothing larger than a shard was allocated on the rank while loading: the biggest is
+            # this rank's rows of the embedding (321 x 32 fp32), never a whole parameter
+            assert shards["largest_parameter"] == 321 * 32 * 4
+            assert 0 < shards["largest_allocation"] <= 161 * 32 * 4, shards["largest_allocation_op"]
 
 
 # --------------------------------------------------------------------------------------------------

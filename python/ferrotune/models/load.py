@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ferrotune.errors import ConfigError, FormatError
-from ferrotune.io import load_checkpoint, save_safetensors
+from ferrotune.io import Checkpoint, load_checkpoint, save_safetensors
 from ferrotune.models.llama import CausalLM, LlamaConfig
 
 # Buffers some old checkpoints carry; recomputed here, never loaded.
@@ -54,6 +54,45 @@ def _weights_path(folder: Path) -> Path:
     raise FormatError(f"{folder}: no model.safetensors or model.safetensors.index.json", path=str(folder))
 
 
+def open_checkpoint(path: str | os.PathLike[str]) -> tuple[LlamaConfig, Path, Checkpoint]:
+    """(model config, weights file, memory-mapped tensors) of an HF checkpoint folder."""
+    folder = Path(path)
+    config = read_config(folder)
+    weights_file = _weights_path(folder)
+    return config, weights_file, load_checkpoint(weights_file)
+
+
+def check_checkpoint(
+    checkpoint: Checkpoint, weights_file: Path, expected: dict[str, tuple[int, ...]], config: LlamaConfig
+) -> None:
+    """FormatError naming the tensor when `checkpoint` lacks a name of `expected` (name -> shape),
+    holds it in another shape, or holds a tensor the model has no place for."""
+    present = set(checkpoint)
+    for name, shape in expected.items():
+        if name not in present:
+            raise FormatError(
+                f"{weights_file}: tensor {name!r} is missing", path=str(weights_file), place=name
+            )
+        _, source_shape = checkpoint.info(name)
+        if tuple(source_shape) != tuple(shape):
+            raise FormatError(
+                f"{weights_file}: tensor {name!r} has shape {list(source_shape)}, the config implies "
+                f"{list(shape)}",
+                path=str(weights_file),
+                place=name,
+            )
+    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(
+        n for n in present - expected.keys() - allowed_extra if not n.endswith(_IGNORED_SUFFIXES)
+    )
+    if unexpected:
+        raise FormatError(
+            f"{weights_file}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
+            path=str(weights_file),
+            place=unexpected[0],
+        )
+
+
 def load_model(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
@@ -61,10 +100,7 @@ def load_model(
 ) -> CausalLM:
     """Loads an HF checkpoint folder into a `CausalLM` on `device`. `dtype` defaults to the
     checkpoint's own dtype. Missing, unexpected or misshapen tensors raise FormatError naming them."""
-    folder = Path(path)
-    config = read_config(folder)
-    weights_file = _weights_path(folder)
-    checkpoint = load_checkpoint(weights_file)
+    config, weights_file, checkpoint = open_checkpoint(path)
     if dtype is None:
         dtype = checkpoint[next(iter(checkpoint))].dtype if len(checkpoint) else torch.float32
 
@@ -76,32 +112,10 @@ def load_model(
         model.tie_weights()
 
     expected = dict(model.named_parameters())  # tied weights appear once, under the embedding name
-    present = set(checkpoint)
+    check_checkpoint(checkpoint, weights_file, {n: tuple(p.shape) for n, p in expected.items()}, config)
     for name, param in expected.items():
-        if name not in present:
-            raise FormatError(
-                f"{weights_file}: tensor {name!r} is missing", path=str(weights_file), place=name
-            )
-        source = checkpoint[name]
-        if tuple(source.shape) != tuple(param.shape):
-            raise FormatError(
-                f"{weights_file}: tensor {name!r} has shape {list(source.shape)}, the config implies "
-                f"{list(param.shape)}",
-                path=str(weights_file),
-                place=name,
-            )
         with torch.no_grad():
-            param.copy_(source)  # mapped file pages -> target device, converting dtype on the way
-    allowed_extra = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unexpected = sorted(
-        n for n in present - expected.keys() - allowed_extra if not n.endswith(_IGNORED_SUFFIXES)
-    )
-    if unexpected:
-        raise FormatError(
-            f"{weights_file}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}",
-            path=str(weights_file),
-            place=unexpected[0],
-        )
+            param.copy_(checkpoint[name])  # mapped file pages -> target device, converting dtype on the way
     return model
 
 

@@ -362,6 +362,8 @@ def wrap_for_training(model: nn.Module, env: DistEnv, train: Any, precision: str
         )
     if train.strategy == "ddp":
         model = model.to(env.device)
+    if train.strategy == "fsdp" and is_fsdp(model):
+        return model  # sharded while loading (ferrotune.train.sharded_load)
     return wrap_model(
         model,
         env,

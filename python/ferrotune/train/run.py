@@ -47,10 +47,14 @@ class Outcome:
     rank: int = 0  # under torchrun only rank 0 reports
 
 
+def model_dtype(config: Config, device: torch.device) -> torch.dtype:
+    """bf16 weights under `train.precision = "bf16"`, else fp32."""
+    return torch.bfloat16 if resolve_precision(config.train.precision, device) == "bf16" else torch.float32
+
+
 def build_model(config: Config, device: torch.device) -> CausalLM:
     """Loads `model.path`, or builds a random model from `model.init` (HF config keys)."""
-    precision = resolve_precision(config.train.precision, device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = model_dtype(config, device)
     if config.model.path:
         model = load_model(config.model.path, device=device, dtype=dtype)
     elif config.model.init:
@@ -60,6 +64,12 @@ def build_model(config: Config, device: torch.device) -> CausalLM:
         model.to(device=device, dtype=dtype)
     else:
         raise ConfigError("model.path or model.init: one is required")
+    return configure_model(model, config)
+
+
+def configure_model(model: CausalLM, config: Config) -> CausalLM:
+    """The run's model settings: gradient checkpointing, activation offload, attention backend,
+    compiled blocks (on a built model, or a meta one before it is sharded)."""
     model.gradient_checkpointing = config.model.gradient_checkpointing
     model.model.checkpointed_layers = config.model.checkpointed_layers
     if config.train.activation_offload and not config.model.gradient_checkpointing:
@@ -249,15 +259,22 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     tokenizer, tokenizer_dir = load_tokenizer(config)
     build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
     train_rows, eval_rows = build_rows(config, tokenizer, tokenizer_dir)
-    model = build_model(config, device)
     from ferrotune.train import multitask
+    from ferrotune.train.sharded_load import load_sharded_model, sharded_load_blocker
 
+    sharded = env.distributed and sharded_load_blocker(config) is None
+    if sharded:  # FSDP: built on the meta device, [peft] applied, sharded, each rank reads its shards
+        model = load_sharded_model(config, env, model_dtype(config, device), tokenizer=tokenizer, quiet=quiet)
+    else:  # the whole model on every rank (sharded by the loop under FSDP; see sharded_load_blocker)
+        model = build_model(config, device)
     # a mixture's task names: per-task evaluation always, [multitask] for routing and loss weights
     asked = multitask.multitask_enabled(config)
     tasks = (
         multitask.resolve_tasks(config, train_rows) if asked else multitask.task_names_from_rows(train_rows)
     )
-    if asked:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
+    if sharded:
+        pass  # [peft] was applied while loading; multi-task runs never load sharded
+    elif asked:  # [peft] as the shared adapter, and one adapter per task with multitask.routed
         model = multitask.apply_multitask_peft(model, config, tasks, quiet=quiet)
     elif config.peft.method:  # [peft]: a parameter-efficient method on top (prints its trainable share)
         from ferrotune.peft import apply_peft_section
