@@ -671,20 +671,31 @@ plot = false
 """
 
 
-def test_torchrun_ferrotune_train_fsdp_equals_one_process(tmp_path):
+def word_corpus_and_tokenizer(tmp_path, documents: int):
+    """corpus.txt (`documents` blank-line separated lines of random words) and a 320-token BPE
+    trained on it in tmp_path/tok; returns the corpus path."""
     import random
-    import subprocess
-    import sys
 
-    from ferrotune.config import load_config
     from ferrotune.quickstart import train_tokenizer
-    from ferrotune.train.run import train_from_config
 
     rng = random.Random(0)
     words = ["salt", "amber", "wool", "figs", "glass", "rope", "honey", "tin", "boat", "sea"]
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choices(words, k=rng.randint(5, 30))) for _ in range(60)))
+    corpus.write_text(
+        "\n\n".join(" ".join(rng.choices(words, k=rng.randint(5, 30))) for _ in range(documents))
+    )
     train_tokenizer(corpus, tmp_path / "tok", vocab_size=320)
+    return corpus
+
+
+def test_torchrun_ferrotune_train_fsdp_equals_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    from ferrotune.config import load_config
+    from ferrotune.train.run import train_from_config
+
+    corpus = word_corpus_and_tokenizer(tmp_path, documents=60)
     toml = tmp_path / "run.toml"
     toml.write_text(RUN_TOML.format(tok=tmp_path / "tok", corpus=corpus, out=tmp_path / "two"))
 
@@ -828,18 +839,12 @@ def job_sharded_lora(env: fd.DistEnv, out: str) -> None:
 
 
 def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
-    import random
 
     from ferrotune.config import load_config
     from ferrotune.models import CausalLM, LlamaConfig, save_model
-    from ferrotune.quickstart import train_tokenizer
     from ferrotune.train.run import train_from_config
 
-    rng = random.Random(0)
-    words = ["salt", "amber", "wool", "figs", "glass", "rope", "honey", "tin", "boat", "sea"]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choices(words, k=rng.randint(5, 30))) for _ in range(40)))
-    train_tokenizer(corpus, tmp_path / "tok", vocab_size=320)
+    corpus = word_corpus_and_tokenizer(tmp_path, documents=40)
     base = CausalLM(
         LlamaConfig(
             vocab_size=321,  # odd: the ranks' shards of the embedding differ by a row
