@@ -182,3 +182,49 @@ output_dir = "{tmp_path / "run"}"
     # Exactly the 14 one-word replies and their end-of-turn tokens take loss.
     assert len(trained) == 28 and trained.count(end) == 14
     assert sorted(t for t in trained if t != end) == sorted(vocab_map[w] for w in words[3:17])
+
+
+def test_seed_decides_the_adapter_initialisation(tmp_path, tokenizer_dir):
+    """`seed` fixes everything random in a run from `model.path`, the adapter's initial values
+    included: the same seed twice gives the same LoRA A, another seed another one."""
+    from ferrotune.models import CausalLM, LlamaConfig, save_model
+    from safetensors.torch import load_file
+
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    base = CausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    base.init_weights(generator=torch.Generator().manual_seed(0))
+    save_model(base, tmp_path / "base")
+    words = TEXT.split()
+    with (tmp_path / "chat.jsonl").open("w") as f:
+        for i in range(8):
+            f.write(json.dumps({"prompt": " ".join(words[i : i + 3]), "response": words[i + 3]}) + "\n")
+    (tmp_path / "lora.toml").write_text(
+        f"""
+task = "sft"
+[model]
+path = "{tmp_path / "base"}"
+tokenizer = "{tokenizer_dir}"
+[data]
+train = "{tmp_path / "chat.jsonl"}"
+seq_len = 24
+pipeline = "memory"
+[train]
+steps = 1
+batch_size = 2
+lr = 0.0
+[peft]
+method = "lora"
+"""
+    )
+
+    def initial_lora_a(seed: int, name: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        assert main(["train", str(tmp_path / "lora.toml"), f"seed={seed}", f"run.output_dir={out}"]) == 0
+        (adapter,) = out.glob("final/**/adapter_model.safetensors")
+        return {k: v for k, v in load_file(adapter).items() if "lora_A" in k}
+
+    first, again, other = initial_lora_a(1, "a"), initial_lora_a(1, "b"), initial_lora_a(2, "c")
+    assert first and sorted(first) == sorted(again) == sorted(other)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)

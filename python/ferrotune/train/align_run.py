@@ -93,6 +93,7 @@ def train_alignment(config: Config, *, quiet: bool = False) -> Outcome:
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    torch.manual_seed(config.seed)  # `seed` decides the adapter's (and value head's) initial values
     model = build_model(config, device)
     if config.peft.method:
         from ferrotune.peft import apply_peft_section

@@ -256,6 +256,7 @@ def train_from_config(config: Config, *, quiet: bool = False) -> Outcome:
     env = dist.setup(config.train)  # torchrun: join the process group, this rank's GPU
     device = env.device if env.distributed else resolve_device(config.train.device)
     quiet = quiet or not env.is_main
+    torch.manual_seed(config.seed)  # `seed` decides the adapter's initial values too (every rank alike)
     tokenizer, tokenizer_dir = load_tokenizer(config)
     build_rows = pretrain.build_rows if config.task == "pretrain" else sft.build_rows
     train_rows, eval_rows = build_rows(config, tokenizer, tokenizer_dir)
