@@ -200,3 +200,57 @@ def test_export_cli_and_bad_models(model_dir, tmp_path):
     with pytest.raises(Exception, match="model_type"):
         export_gguf(bad, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_qwen_models_export_under_their_own_architecture(model_dir, tmp_path, model_type):
+    """Qwen2 (q/k/v biases, tied embeddings) and Qwen3 (per-head q/k norms, head_dim apart from
+    hidden / heads) as llama.cpp's `qwen2` / `qwen3`: metadata under the architecture's prefix,
+    every tensor name one gguf-py lists for that architecture, and the values as stored (these
+    architectures rotate halves, as HF: no q/k permutation)."""
+    torch.manual_seed(1)
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, rope_theta=1e6)  # fmt: skip
+    if model_type == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32))
+    folder = tmp_path / "model"
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the module's byte-level BPE
+        (folder / name).write_bytes((model_dir / name).read_bytes())
+    out = tmp_path / "model.gguf"
+    export_gguf(folder, out, dtype="f16")
+
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == model_type
+    assert field(reader, f"{model_type}.block_count") == 2
+    assert field(reader, f"{model_type}.attention.head_count_kv") == 2
+    assert field(reader, f"{model_type}.rope.freq_base") == pytest.approx(1e6)
+    if model_type == "qwen3":
+        assert field(reader, "qwen3.attention.key_length") == 32
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[model_type]
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
+    got = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    for name in got:
+        base = name.rsplit(".", 1)[0]  # without .weight / .bias
+        assert (
+            base in allowed or base.replace("blk.0.", "blk.{bid}.").replace("blk.1.", "blk.{bid}.") in allowed
+        ), name
+
+    ck = load_checkpoint(folder)
+    hf_to_gguf = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+                  "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_norm.weight": "attn_k_norm.weight"}  # fmt: skip
+    for layer in range(2):
+        for hf, ours in hf_to_gguf.items():
+            key = f"model.layers.{layer}.{hf}"
+            if key in ck:
+                want = ck[key].float().numpy()
+                np.testing.assert_allclose(
+                    got[f"blk.{layer}.{ours}"].reshape(want.shape), want, rtol=1e-3, atol=1e-6
+                )
+    assert ("output.weight" in got) == (model_type == "qwen3")  # tied: llama.cpp reuses token_embd
+    if model_type == "qwen2":
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(got)
+    else:
+        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= set(got)

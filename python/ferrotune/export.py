@@ -1,8 +1,10 @@
 """`ferrotune export MODEL OUT --format gguf --dtype f16|bf16|q8_0`: a Hugging Face Llama-family
-model folder as one GGUF v3 file for llama.cpp and the tools built on it.
+model folder (Llama, Mistral: llama.cpp's `llama` architecture; Qwen2, Qwen3: its `qwen2` and
+`qwen3`) as one GGUF v3 file for llama.cpp and the tools built on it.
 
 The writer is native (`rust/src/merge/gguf.rs`): tensors renamed to llama.cpp's names
-(`token_embd`, `blk.N.attn_q`, ..., `output`), q/k rows permuted for llama.cpp's rotary layout,
+(`token_embd`, `blk.N.attn_q`, ..., `output`), q/k rows permuted for the `llama` architecture's
+rotary layout,
 norms kept in F32, the other tensors stored as F16, BF16 or Q8_0 (blocks of 32: f16 scale +
 32 int8), 32-byte aligned, with the hyperparameters, the byte-level BPE tokenizer (tokens, token
 types, merges, special token ids) and the chat template as metadata.
@@ -26,7 +28,7 @@ def export_gguf(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Hugging Face model folder (llama architecture)")
+    parser.add_argument("model", help="Hugging Face model folder (llama, mistral, qwen2 or qwen3)")
     parser.add_argument("out", help="output file (e.g. model-q8_0.gguf)")
     parser.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
     parser.add_argument(

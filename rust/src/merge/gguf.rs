@@ -1,5 +1,6 @@
-//! `ferrotune export --format gguf`: a Hugging Face Llama-architecture model as a GGUF v3 file
-//! (the llama.cpp format) in F16, BF16 or Q8_0, with the tokenizer and chat template.
+//! `ferrotune export --format gguf`: a Hugging Face Llama, Mistral, Qwen2 or Qwen3 model as a GGUF
+//! v3 file (the llama.cpp format, architecture `llama`, `qwen2` or `qwen3`) in F16, BF16 or Q8_0,
+//! with the tokenizer and chat template.
 //!
 //! Layout (little-endian): `"GGUF"`, version u32 = 3, tensor count u64, metadata count u64; the
 //! metadata as (key string, value type u32, value); the tensor infos as (name string, n_dims u32,
@@ -8,8 +9,10 @@
 //! Strings are a u64 length then UTF-8 bytes.
 //!
 //! Tensors take llama.cpp's names (`token_embd`, `blk.N.attn_q`, `blk.N.ffn_down`, `output_norm`,
-//! `output`, ...). llama.cpp applies rotary embeddings to interleaved pairs where HF rotates
-//! halves, so the rows of q_proj and k_proj are permuted within each head: HF row (h, j, i) of a
+//! `output`, ...; Qwen2's q/k/v biases, Qwen3's `attn_q_norm` / `attn_k_norm`). llama.cpp's `llama`
+//! architecture applies rotary embeddings to interleaved pairs where HF rotates halves, so for it
+//! the rows of q_proj and k_proj are permuted within each head (`qwen2` and `qwen3` rotate halves
+//! as HF does and keep them as they are): HF row (h, j, i) of a
 //! head laid out as (2, D/2) becomes row (h, i, j). One-dimensional tensors (norms) stay F32.
 //! Q8_0 stores blocks of 32 values as an f16 scale d = max|x| / 127 and 32 int8 round(x / d)
 //! (rounding half away from zero, as ggml's reference quantizer).
@@ -151,6 +154,8 @@ impl Meta {
 
 /// The hyperparameters of config.json that GGUF records.
 struct ModelConfig {
+    /// llama.cpp's architecture: "llama" (HF llama, mistral), "qwen2" or "qwen3".
+    arch: &'static str,
     hidden: usize,
     layers: usize,
     heads: usize,
@@ -192,15 +197,18 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let raw = read_json(&path)?;
         let model_type = raw.get("model_type").and_then(Value::as_str).unwrap_or("");
-        if !matches!(model_type, "llama" | "mistral") {
-            return Err(Error::format(
-                &path,
-                "model_type",
-                format!(
-                    "{model_type:?}: GGUF export covers the llama architecture (llama, mistral)"
-                ),
-            ));
-        }
+        let arch = match model_type {
+            "llama" | "mistral" => "llama",
+            "qwen2" => "qwen2",
+            "qwen3" => "qwen3",
+            _ => {
+                return Err(Error::format(
+                    &path,
+                    "model_type",
+                    format!("{model_type:?}: GGUF export covers llama, mistral, qwen2 and qwen3"),
+                ))
+            }
+        };
         let int = |field: &str| -> Result<usize> {
             raw.get(field)
                 .and_then(Value::as_u64)
@@ -245,6 +253,7 @@ impl ModelConfig {
             .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into());
         Ok(ModelConfig {
+            arch,
             hidden,
             layers: int("num_hidden_layers")?,
             heads,
@@ -508,13 +517,18 @@ fn gguf_name(hf: &str, config: &ModelConfig) -> Option<(String, Option<usize>)> 
     let rest = hf.strip_prefix("model.layers.")?;
     let (block, tail) = rest.split_once('.')?;
     let block: usize = block.parse().ok()?;
+    // llama.cpp's llama architecture rotates interleaved pairs (q/k rows permuted, see the module
+    // docs); its qwen2 and qwen3 architectures rotate halves, as HF does.
+    let rotary_heads = |heads: usize| (config.arch == "llama").then_some(heads);
     let (name, permute) = match tail {
         "input_layernorm.weight" => ("attn_norm.weight", None),
+        "self_attn.q_norm.weight" => ("attn_q_norm.weight", None),
+        "self_attn.k_norm.weight" => ("attn_k_norm.weight", None),
         "post_attention_layernorm.weight" => ("ffn_norm.weight", None),
-        "self_attn.q_proj.weight" => ("attn_q.weight", Some(config.heads)),
-        "self_attn.q_proj.bias" => ("attn_q.bias", Some(config.heads)),
-        "self_attn.k_proj.weight" => ("attn_k.weight", Some(config.kv_heads)),
-        "self_attn.k_proj.bias" => ("attn_k.bias", Some(config.kv_heads)),
+        "self_attn.q_proj.weight" => ("attn_q.weight", rotary_heads(config.heads)),
+        "self_attn.q_proj.bias" => ("attn_q.bias", rotary_heads(config.heads)),
+        "self_attn.k_proj.weight" => ("attn_k.weight", rotary_heads(config.kv_heads)),
+        "self_attn.k_proj.bias" => ("attn_k.bias", rotary_heads(config.kv_heads)),
         "self_attn.v_proj.weight" => ("attn_v.weight", None),
         "self_attn.v_proj.bias" => ("attn_v.bias", None),
         "self_attn.o_proj.weight" => ("attn_output.weight", None),
@@ -573,54 +587,58 @@ pub fn export_gguf(
     let start = std::time::Instant::now();
     let config = ModelConfig::read(model_dir)?;
     let checkpoint = Checkpoint::open(model_dir)?;
+    let arch = config.arch;
     let mut meta: Vec<(String, Meta)> = vec![
-        ("general.architecture".into(), Meta::Str("llama".into())),
+        ("general.architecture".into(), Meta::Str(arch.into())),
         ("general.name".into(), Meta::Str(config.name.clone())),
         ("general.file_type".into(), Meta::U32(kind.file_type())),
         ("general.quantization_version".into(), Meta::U32(2)),
         ("general.alignment".into(), Meta::U32(ALIGNMENT as u32)),
         (
-            "llama.context_length".into(),
+            format!("{arch}.context_length"),
             Meta::U32(config.context as u32),
         ),
         (
-            "llama.embedding_length".into(),
+            format!("{arch}.embedding_length"),
             Meta::U32(config.hidden as u32),
         ),
-        ("llama.block_count".into(), Meta::U32(config.layers as u32)),
         (
-            "llama.feed_forward_length".into(),
+            format!("{arch}.block_count"),
+            Meta::U32(config.layers as u32),
+        ),
+        (
+            format!("{arch}.feed_forward_length"),
             Meta::U32(config.intermediate as u32),
         ),
         (
-            "llama.rope.dimension_count".into(),
+            format!("{arch}.rope.dimension_count"),
             Meta::U32(config.head_dim as u32),
         ),
         (
-            "llama.attention.head_count".into(),
+            format!("{arch}.attention.head_count"),
             Meta::U32(config.heads as u32),
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            format!("{arch}.attention.head_count_kv"),
             Meta::U32(config.kv_heads as u32),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
             Meta::F32(config.rms_eps as f32),
         ),
         (
-            "llama.rope.freq_base".into(),
+            format!("{arch}.rope.freq_base"),
             Meta::F32(config.rope_theta as f32),
         ),
-        ("llama.vocab_size".into(), Meta::U32(config.vocab as u32)),
+        (format!("{arch}.vocab_size"), Meta::U32(config.vocab as u32)),
     ];
     if config.head_dim * config.heads != config.hidden {
         meta.push((
-            "llama.attention.key_length".into(),
+            format!("{arch}.attention.key_length"),
             Meta::U32(config.head_dim as u32),
         ));
         meta.push((
-            "llama.attention.value_length".into(),
+            format!("{arch}.attention.value_length"),
             Meta::U32(config.head_dim as u32),
         ));
     }
@@ -635,8 +653,14 @@ pub fn export_gguf(
             "default" => {}
             "linear" => {
                 let factor = scaling.get("factor").and_then(Value::as_f64).unwrap_or(1.0);
-                meta.push(("llama.rope.scaling.type".into(), Meta::Str("linear".into())));
-                meta.push(("llama.rope.scaling.factor".into(), Meta::F32(factor as f32)));
+                meta.push((
+                    format!("{arch}.rope.scaling.type"),
+                    Meta::Str("linear".into()),
+                ));
+                meta.push((
+                    format!("{arch}.rope.scaling.factor"),
+                    Meta::F32(factor as f32),
+                ));
             }
             "llama3" => {
                 let factors = llama3_rope_factors(&config, scaling);
@@ -672,7 +696,7 @@ pub fn export_gguf(
             Error::format(
                 checkpoint.get(name).expect("listed").0.path(),
                 format!("tensor {name:?}"),
-                "has no llama.cpp name (not a Llama-architecture tensor)",
+                "has no llama.cpp name (not a tensor of a Llama, Qwen2 or Qwen3 model)",
             )
         })?;
         check_mergeable(info.dtype, name)?;
