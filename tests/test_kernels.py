@@ -289,3 +289,25 @@ def test_add_rms_norm_matches_the_add_then_the_norm(dtype, tol, use_sum):
     assert fast[0][0].dtype == ref[0][0].dtype and fast[0][1].dtype == ref[0][1].dtype
     assert torch.equal(fast[0][0], ref[0][0])  # the sum rounds exactly as torch's add
     assert_close_all(fast, ref, atol=tol, rtol=tol)
+
+
+def test_add_rms_norm_with_an_fp32_residual_stream_and_a_low_precision_branch():
+    """Under autocast the residual stream is fp32 (fp32 embeddings) while the attention output is
+    bf16: the sum and the norm are fp32, and each input gets its gradient in its own dtype."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 64, generator=g).to(DEVICE)
+    r = torch.randn(4, 64, generator=g).to(DEVICE, LOW)
+    w = (1 + 0.1 * torch.randn(64, generator=g)).to(DEVICE)
+    up_h, up_y = (torch.randn(4, 64, generator=g).to(DEVICE) for _ in range(2))
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, r, w)]
+        h, y = fn(*leaves, 1e-6)
+        ((h * up_h).sum() + (y * up_y).sum()).backward()
+        return [h.detach(), y.detach()], [t.grad for t in leaves]
+
+    fast, ref = grads(add_rms_norm), grads(add_rms_norm_reference)
+    assert fast[0][0].dtype == fast[0][1].dtype == torch.float32
+    assert [t.dtype for t in fast[1]] == [torch.float32, LOW, torch.float32]
+    assert torch.equal(fast[0][0], ref[0][0])
+    assert_close_all(fast, ref, atol=1e-5, rtol=1e-5)
