@@ -47,7 +47,8 @@ def test_which_runs_load_shard_by_shard():
     assert "scratch" in sharded_load_blocker(run_config(path=""))
     assert "DoRA" in sharded_load_blocker(run_config(method="dora"))
     assert "PiSSA" in sharded_load_blocker(run_config(method="pissa"))
-    assert "ia3" in sharded_load_blocker(run_config(method="ia3"))
+    assert sharded_load_blocker(run_config(method="ia3")) is None  # vectors of ones: no base read
+    assert "bottleneck" in sharded_load_blocker(run_config(method="bottleneck"))
     assert "modules_to_save" in sharded_load_blocker(run_config(method="lora", modules_to_save=["lm_head"]))
 
 

@@ -3,7 +3,7 @@ rank ever holds the whole model: a model that only fits sharded trains, and each
 device memory carry 1/W of the weights instead of all of them.
 
     CausalLM on the meta device            shapes and names, no storage
-    -> [peft] LoRA                         adapters real (small, whole), drawn from the RNG as usual
+    -> [peft] LoRA or IA3                  adapters real (small, whole), drawn from the RNG as usual
     -> fully_shard (dist.wrap_model)       every parameter becomes a DTensor sharded on dim 0
     -> to_empty(device)                    each rank allocates its local shards only
     -> copy_rows                           each rank copies its rows of every tensor from the
@@ -11,13 +11,14 @@ device memory carry 1/W of the weights instead of all of them.
 
 The adapters are the values the whole-model path gives: while LoRA is applied, every `nn.Linear`
 weight of the meta model is stood in for by a zero-stride tensor on the training device (one
-element of storage), so `LoraLinear.add_adapter` builds and initialises A and B on that device
+element of storage), so `LoraLinear.add_adapter` (and IA3's, for its vectors of ones) builds and
+initialises A and B on that device
 from the same random stream, in the same order, as over a loaded model. They are kept whole, then
 sharded like every other parameter.
 
 Runs that keep the whole-model load (`sharded_load_blocker` says why): training from scratch
 (`init_weights` draws the whole model from one generator), adapters whose initialisation reads the
-base weights (DoRA's magnitude, PiSSA's SVD), other PEFT methods and multi-task adapters, and
+base weights (DoRA's magnitude, PiSSA's SVD), the other PEFT methods and multi-task adapters, and
 `modules_to_save` (a trained copy of a base module). A 4-bit (NF4, QLoRA) base is quantized from
 whole weights and FSDP2 restricts uint8 shards (`dist.holds_quantized_storage`); `ferrotune train`
 does not build one, and the Python API's QLoRA under FSDP keeps the whole-model load.
@@ -51,12 +52,12 @@ def sharded_load_blocker(config: Config) -> str | None:
     if multitask_enabled(config):
         return "multi-task adapters"
     if config.peft.method:
-        from ferrotune.peft import LoraConfig, config_from_dict
+        from ferrotune.peft import IA3Config, LoraConfig, config_from_dict
 
         method = config_from_dict(config.peft.method, config.peft.options)
-        if not isinstance(method, LoraConfig):
+        if not isinstance(method, (LoraConfig, IA3Config)):
             return f"peft.method = {config.peft.method!r}"
-        if method.use_dora or method.init not in ("default", "gaussian"):
+        if isinstance(method, LoraConfig) and (method.use_dora or method.init not in ("default", "gaussian")):
             return "the adapter's initialisation reads the base weights (DoRA, PiSSA)"
         if method.modules_to_save:
             return "modules_to_save copies base modules"
