@@ -48,7 +48,7 @@ def test_which_runs_load_shard_by_shard():
     assert "DoRA" in sharded_load_blocker(run_config(method="dora"))
     assert "PiSSA" in sharded_load_blocker(run_config(method="pissa"))
     assert sharded_load_blocker(run_config(method="ia3")) is None  # vectors of ones: no base read
-    assert "bottleneck" in sharded_load_blocker(run_config(method="bottleneck"))
+    assert "houlsby" in sharded_load_blocker(run_config(method="houlsby"))
     assert "modules_to_save" in sharded_load_blocker(run_config(method="lora", modules_to_save=["lm_head"]))
 
 
