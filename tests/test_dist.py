@@ -760,6 +760,7 @@ plot = false
 {peft}
 """
 LORA_SECTION = '[peft]\nmethod = "lora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }'
+DORA_SECTION = '[peft]\nmethod = "dora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }'
 IA3_SECTION = '[peft]\nmethod = "ia3"\noptions = { target_modules = ["k_proj", "v_proj", "down_proj"] }'
 ADAPTER_SEED = 11  # the global RNG state LoRA draws its A matrices from, the same in every run
 
@@ -843,6 +844,10 @@ def job_sharded_ia3(env: fd.DistEnv, out: str) -> None:
     sharded_train_job(env, out, "ia3")
 
 
+def job_sharded_dora(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "dora")
+
+
 def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
 
     from ferrotune.config import load_config
@@ -864,10 +869,10 @@ def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
     base.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
     save_model(base, tmp_path / "base")
 
-    for method in ("full", "lora", "ia3"):
+    for method in ("full", "lora", "ia3", "dora"):
         job = f"job_sharded_{method}"
         (tmp_path / job).mkdir()
-        peft = {"lora": LORA_SECTION, "ia3": IA3_SECTION}.get(method, "")
+        peft = {"lora": LORA_SECTION, "ia3": IA3_SECTION, "dora": DORA_SECTION}.get(method, "")
         offload = "fsdp_cpu_offload = true" if method == "lora" else ""  # shards kept on the CPU
         text = dict(base=tmp_path / "base", tok=tmp_path / "tok", corpus=corpus, peft=peft, offload=offload)
         toml = tmp_path / job / f"{method}.toml"
@@ -888,7 +893,8 @@ def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
             load_file(one_dir / "final" / weights),
         )
         assert (
-            set(got) == set(want) and len(got) == {"full": 2 * 9 + 2, "lora": 2 * 7 * 2, "ia3": 2 * 3}[method]
+            set(got) == set(want)
+            and len(got) == {"full": 2 * 9 + 2, "lora": 2 * 7 * 2, "ia3": 2 * 3, "dora": 2 * 7 * 3}[method]
         )
         _assert_close_states(got, want)
 

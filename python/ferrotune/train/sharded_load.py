@@ -3,11 +3,12 @@ rank ever holds the whole model: a model that only fits sharded trains, and each
 device memory carry 1/W of the weights instead of all of them.
 
     CausalLM on the meta device            shapes and names, no storage
-    -> [peft] LoRA or IA3                  adapters real (small, whole), drawn from the RNG as usual
+    -> [peft] LoRA, DoRA or IA3            adapters real (small, whole), drawn from the RNG as usual
     -> fully_shard (dist.wrap_model)       every parameter becomes a DTensor sharded on dim 0
     -> to_empty(device)                    each rank allocates its local shards only
     -> copy_rows                           each rank copies its rows of every tensor from the
                                            memory-mapped safetensors file, converting the dtype
+    -> dora_magnitudes_from_shards         DoRA: each rank's rows of m from its rows of W
 
 The adapters are the values the whole-model path gives: while LoRA is applied, every `nn.Linear`
 weight of the meta model is stood in for by a zero-stride tensor on the training device (one
@@ -17,8 +18,8 @@ from the same random stream, in the same order, as over a loaded model. They are
 sharded like every other parameter.
 
 Runs that keep the whole-model load (`sharded_load_blocker` says why): training from scratch
-(`init_weights` draws the whole model from one generator), adapters whose initialisation reads the
-base weights (DoRA's magnitude, PiSSA's SVD), the other PEFT methods and multi-task adapters, and
+(`init_weights` draws the whole model from one generator), PiSSA (its SVD reads whole base
+weights), the other PEFT methods and multi-task adapters, and
 `modules_to_save` (a trained copy of a base module). A 4-bit (NF4, QLoRA) base is quantized from
 whole weights and FSDP2 restricts uint8 shards (`dist.holds_quantized_storage`); `ferrotune train`
 does not build one, and the Python API's QLoRA under FSDP keeps the whole-model load.
@@ -57,8 +58,8 @@ def sharded_load_blocker(config: Config) -> str | None:
         method = config_from_dict(config.peft.method, config.peft.options)
         if not isinstance(method, (LoraConfig, IA3Config)):
             return f"peft.method = {config.peft.method!r}"
-        if isinstance(method, LoraConfig) and (method.use_dora or method.init not in ("default", "gaussian")):
-            return "the adapter's initialisation reads the base weights (DoRA, PiSSA)"
+        if isinstance(method, LoraConfig) and method.init not in ("default", "gaussian"):
+            return "the adapter's initialisation reads the base weights (PiSSA)"
         if method.modules_to_save:
             return "modules_to_save copies base modules"
     return None
@@ -151,7 +152,34 @@ def load_sharded_model(
     # shards live on the CPU under fsdp_cpu_offload, else on this rank's device
     model.to_empty(device="cpu" if config.train.fsdp_cpu_offload else env.device)
     copy_rows(model, tensors)
+    dora_magnitudes_from_shards(model, tensors)
     return model
+
+
+def dora_magnitudes_from_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """DoRA's magnitude m = ||W + s B A||_row (out,) of every DoRA layer, computed from this
+    rank's rows of W: made while the weights were stand-ins, it was zero. The magnitude, W and B
+    are all sharded on dim 0 (the output rows), so each rank's rows of m come from its rows of W
+    and B, with the whole A from `tensors` (the adapters as made before sharding), as
+    `LoraLinear._weight_norm` computes them on a whole model (float32, then W's dtype)."""
+    from torch.distributed.tensor import DTensor
+
+    from ferrotune.peft.lora import LoraLinear
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    with torch.no_grad():
+        for prefix, layer in model.named_modules():
+            if not isinstance(layer, LoraLinear):
+                continue
+            for name, magnitude in layer.lora_magnitude_vector.items():
+                w = local(layer.base_layer.weight)  # (local rows, in)
+                b = local(layer.lora_B[name].weight)  # (local rows, r)
+                a = tensors[f"{prefix}.lora_A.{name}.weight"].to(w.device)  # (r, in)
+                delta = (layer.scaling[name] * (b @ a)).float()
+                norm = torch.linalg.norm(w.float() + delta, dim=1)  # (local rows,)
+                local(magnitude).copy_(norm.to(w.dtype))
 
 
 def _precision(config: Config, env: dist.DistEnv) -> str:
