@@ -33,31 +33,8 @@ import torch
 from ferrotune.models import CausalLM, LlamaConfig
 from ferrotune.peft import LoraConfig, apply_peft
 from ferrotune.train import dist as fd
+from shapes import L1B, L8B  # bench/shapes.py, beside this script
 
-L8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    rope_theta=500000.0,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-L1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    rope_theta=500000.0,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
 TINY = dict(
     vocab_size=256,
     hidden_size=64,

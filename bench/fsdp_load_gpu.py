@@ -25,6 +25,7 @@ import torch
 from ferrotune.config import Config, ModelConfig, PeftSection, TrainConfig
 from ferrotune.models import CausalLM, LlamaConfig, save_model
 from ferrotune.train import dist
+from shapes import L1B, L8B  # bench/shapes.py, beside this script
 
 SHAPES = {
     "tiny": dict(  # a smoke test of this script on CPU: --device cpu --shape tiny
@@ -36,24 +37,8 @@ SHAPES = {
         num_key_value_heads=2,
         tie_word_embeddings=True,
     ),
-    "1b": dict(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    ),
-    "8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    ),
+    "1b": L1B,
+    "8b": L8B,
 }
 
 

@@ -26,15 +26,9 @@ from ferrotune import kernels
 from ferrotune.kernels import linear_cross_entropy
 from ferrotune.kernels.lora import set_fused_lora
 from ferrotune.models.llama import CausalLM, LlamaConfig
+from shapes import L1B, L8B, LORA_TARGETS  # bench/shapes.py: the shapes every GPU bench uses
 
 OUT = os.environ.get("OUT", "/tmp")
-L8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-           num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
-           rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
-L1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-           num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
-           rms_norm_eps=1e-5, tie_word_embeddings=True)  # fmt: skip
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # Experiments: BENCH_SDPA=flash|efficient|cudnn pins SDPA's backend; BENCH_CE_CHUNK=tokens per
