@@ -89,6 +89,13 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def dora_row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """||W + ΔW|| of each output row (rows,), in float32, detached: DoRA's magnitude at
+    initialisation. W and ΔW (rows, in) may be any matching block of rows of the layer."""
+    with torch.no_grad():
+        return torch.linalg.norm(weight.float() + delta.float(), dim=1)
+
+
 class LoraLinear(nn.Module):
     """A frozen `nn.Linear` (`base_layer`) with named LoRA / DoRA adapters beside it.
     Parameter names match PEFT's (`lora_A.<name>.weight`, `lora_magnitude_vector.<name>`)."""
@@ -192,8 +199,7 @@ class LoraLinear(nn.Module):
     def _weight_norm(self, name: str) -> torch.Tensor:
         """n = ||W + s B A||_row (out,), detached, computed in float32."""
         with torch.no_grad():
-            w = self.base_layer.weight.float() + self.delta_weight(name).float()
-            return torch.linalg.norm(w, dim=1)
+            return dora_row_norms(self.base_layer.weight, self.delta_weight(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
         if (fused := self._fused_forward(x)) is not None:

@@ -160,11 +160,11 @@ def dora_magnitudes_from_shards(model: nn.Module, tensors: Mapping[str, torch.Te
     """DoRA's magnitude m = ||W + s B A||_row (out,) of every DoRA layer, computed from this
     rank's rows of W: made while the weights were stand-ins, it was zero. The magnitude, W and B
     are all sharded on dim 0 (the output rows), so each rank's rows of m come from its rows of W
-    and B, with the whole A from `tensors` (the adapters as made before sharding), as
-    `LoraLinear._weight_norm` computes them on a whole model (float32, then W's dtype)."""
+    and B, with the whole A from `tensors` (the adapters as made before sharding), by the
+    function `LoraLinear` uses on a whole model (`dora_row_norms`, then W's dtype)."""
     from torch.distributed.tensor import DTensor
 
-    from ferrotune.peft.lora import LoraLinear
+    from ferrotune.peft.lora import LoraLinear, dora_row_norms
 
     def local(t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if isinstance(t, DTensor) else t
@@ -177,8 +177,7 @@ def dora_magnitudes_from_shards(model: nn.Module, tensors: Mapping[str, torch.Te
                 w = local(layer.base_layer.weight)  # (local rows, in)
                 b = local(layer.lora_B[name].weight)  # (local rows, r)
                 a = tensors[f"{prefix}.lora_A.{name}.weight"].to(w.device)  # (r, in)
-                delta = (layer.scaling[name] * (b @ a)).float()
-                norm = torch.linalg.norm(w.float() + delta, dim=1)  # (local rows,)
+                norm = dora_row_norms(w, layer.scaling[name] * (b @ a))  # (local rows,)
                 local(magnitude).copy_(norm.to(w.dtype))
 
 
