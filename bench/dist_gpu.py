@@ -30,6 +30,7 @@ import sys
 import time
 
 import torch
+from ferrotune.kernels.adamw import AdamW
 from ferrotune.models import CausalLM, LlamaConfig
 from ferrotune.peft import LoraConfig, apply_peft
 from ferrotune.train import dist as fd
@@ -138,7 +139,10 @@ def run_case(name: str, args: argparse.Namespace, env: fd.DistEnv) -> dict:
         reshard_after_forward=not args.keep_unsharded,
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda and not args.cpu_offload)
+    # the trainer's choice (build_optimizer): the Triton AdamW where every shard is on the GPU
+    optimizer = (
+        AdamW(params, lr=1e-5) if cuda and not args.cpu_offload else torch.optim.AdamW(params, lr=1e-5)
+    )
     synchronize(device)
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else 0.0
     setup_s = time.perf_counter() - t0

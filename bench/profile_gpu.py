@@ -52,7 +52,7 @@ def ferrotune_step(case: str):
     inner.gradient_checkpointing = gc_on
     inner.model.checkpointed_layers = checkpointed
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    opt = train_gpu.AdamW(params, lr=1e-5)
     g = torch.Generator(device="cuda").manual_seed(1)
     vocab = shape["vocab_size"]
 

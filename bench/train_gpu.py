@@ -24,6 +24,7 @@ import time
 import torch
 from ferrotune import kernels
 from ferrotune.kernels import linear_cross_entropy
+from ferrotune.kernels.adamw import AdamW
 from ferrotune.kernels.lora import set_fused_lora
 from ferrotune.models.llama import CausalLM, LlamaConfig
 from shapes import L1B, L8B, LORA_TARGETS  # bench/shapes.py: the shapes every GPU bench uses
@@ -156,7 +157,7 @@ def train_case(
     torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
     ntrain = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    opt = AdamW(params, lr=1e-5)  # the trainer's CUDA optimizer (ferrotune.kernels.adamw)
     setup_s = time.time() - t0
     model.train()
     vocab = shape["vocab_size"]

@@ -13,6 +13,7 @@ from ferrotune.kernels import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
     rms_norm,
+    rms_norm_beside_residual,
     rms_norm_reference,
     shared_input_linears,
     shared_input_linears_reference,
@@ -311,3 +312,85 @@ def test_add_rms_norm_with_an_fp32_residual_stream_and_a_low_precision_branch():
     assert [t.dtype for t in fast[1]] == [torch.float32, LOW, torch.float32]
     assert torch.equal(fast[0][0], ref[0][0])
     assert_close_all(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 2e-2)])
+def test_rms_norm_beside_residual_sums_both_gradients_of_its_input(dtype, tol):
+    """x feeds the norm and the residual stream: the node's input gradient is the sum of both
+    paths, as autograd would form it for x used twice."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 7, 96, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE, dtype)
+    branch = torch.randn(4, 7, 96, generator=g).to(DEVICE, dtype)
+
+    def block(norm_fn):
+        def fn(x, w):
+            residual, normed = norm_fn(x, w)
+            return residual * branch + normed  # both outputs reach the loss
+
+        return fn
+
+    fast = grads_of(block(lambda x, w: rms_norm_beside_residual(x, w, 1e-5)), x, w)
+    ref = grads_of(block(lambda x, w: (x, rms_norm_reference(x, w, 1e-5))), x, w)
+    assert_close_all(fast, ref, atol=tol, rtol=tol)
+    # only the residual used: the gradient passes straight through
+    (only,) = grads_of(lambda x: rms_norm_beside_residual(x, w, 1e-5)[0] * 3.0, x)[1]
+    torch.testing.assert_close(only, torch.full_like(x, 3.0) * grads_of(lambda x: x, x)[1][0])
+
+
+@pytest.mark.parametrize("head_in_loss", [True, False])
+def test_tied_embedding_gradient_equals_the_plain_lookup(head_in_loss):
+    """A tied model's table gradient on the fast path (the lookup's rows added sparsely into the
+    head's gradient) equals the plain path's, with or without the head in the loss, and summed
+    over two backward passes; `.grad` is dense and no dense lookup gradient is built."""
+    from ferrotune import kernels
+    from ferrotune.models.llama import CausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = CausalLM(config).to(DEVICE)
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 40, (2, 48), generator=g).to(DEVICE) for _ in range(2)]  # repeated tokens
+
+    def table_grad(fast: bool):
+        model.zero_grad(set_to_none=True)
+        kernels.set_enabled(fast)
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for ids in batches:
+                    hidden = model.hidden_states(ids)
+                    labels = torch.roll(ids, -1, 1)
+                    loss = (
+                        linear_cross_entropy(hidden, model.lm_head.weight, labels)
+                        if head_in_loss
+                        else hidden.float().square().mean()
+                    )
+                    loss.backward()
+        finally:
+            kernels.set_enabled(True)
+        ops = {e.key for e in prof.key_averages()}
+        return model.model.embed_tokens.weight.grad.clone(), ops
+
+    fast, fast_ops = table_grad(True)
+    plain, plain_ops = table_grad(False)
+    assert fast.layout == torch.strided
+    assert "aten::embedding_dense_backward" in plain_ops
+    assert "aten::embedding_dense_backward" not in fast_ops
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-4)
+
+
+def test_linear_cross_entropy_backward_twice_over_a_kept_graph():
+    """The stored gradients are scaled out of place: a second backward over a kept graph adds
+    the same gradients again (scale 0.5 each time), as autograd would for the reference."""
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(12, 16, generator=g).to(DEVICE).requires_grad_(True)
+    weight = torch.randn(40, 16, generator=g).to(DEVICE).requires_grad_(True)
+    labels = torch.randint(0, 40, (12,), generator=g).to(DEVICE)
+    loss = linear_cross_entropy(hidden, weight, labels) * 0.5
+    loss.backward(retain_graph=True)
+    loss.backward()
+    ref_h, ref_w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    linear_cross_entropy_reference(ref_h, ref_w, labels).backward()
+    torch.testing.assert_close(hidden.grad, ref_h.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)

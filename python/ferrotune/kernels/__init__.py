@@ -7,9 +7,16 @@ from __future__ import annotations
 
 from ferrotune.kernels._dispatch import set_enabled
 from ferrotune.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from ferrotune.kernels.embedding import tied_embedding
 from ferrotune.kernels.linear import shared_input_linears, shared_input_linears_reference
 from ferrotune.kernels.lora import lora_linear, lora_linear_reference
-from ferrotune.kernels.rmsnorm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from ferrotune.kernels.rmsnorm import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_beside_residual,
+    rms_norm_reference,
+)
 from ferrotune.kernels.rope import apply_rope, apply_rope_reference
 from ferrotune.kernels.swiglu import swiglu, swiglu_linear, swiglu_linear_reference, swiglu_reference
 
@@ -23,6 +30,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_reference",
     "rms_norm",
+    "rms_norm_beside_residual",
     "rms_norm_reference",
     "set_enabled",
     "shared_input_linears",
@@ -31,4 +39,5 @@ __all__ = [
     "swiglu_linear",
     "swiglu_linear_reference",
     "swiglu_reference",
+    "tied_embedding",
 ]

@@ -109,10 +109,12 @@ def _rows_loss_and_grad_fast(
     rows, cols = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        block = min(8192, triton.next_power_of_2(cols))
+        # 2,048 columns a pass with 8 warps streamed a 4k x 128k bf16 chunk fastest on the H200
+        # (3.86 TB/s, against 3.62 for 8,192 with 16 warps).
+        block = min(2048, triton.next_power_of_2(cols))
         _rows_loss_and_grad[(rows,)](
             logits, labels, row_scale, loss, logits.stride(0), cols, IGNORE_INDEX,
-            WRITE_GRAD=want_grad, BLOCK=block, num_warps=16 if block >= 4096 else 4,
+            WRITE_GRAD=want_grad, BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )  # fmt: skip
     return loss, (logits if want_grad else None)
 
@@ -190,14 +192,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # The gradients were computed in forward for an upstream gradient of 1. A loss
-        # differentiated as it is (the usual case) returns them untouched: checking costs one host
-        # sync, where scaling a 128k x 2048 head's gradient costs a read and a write of it. Any
-        # other upstream gradient scales them in place.
-        if not bool(grad_out == 1):
-            for g in (grad_hidden, grad_weight):
-                if g is not None:
-                    g.mul_(grad_out.to(g.dtype))
+        # The gradients were computed in forward for an upstream gradient of 1; scaling them on the
+        # device by whatever came (1 for a loss differentiated as it is) costs a pass over them
+        # (about 0.3 ms for a 128k x 2048 head), where asking the host whether it is 1 would
+        # stall it until the forward finished, leaving the GPU idle while backward is launched.
+        # Out of place: a graph kept for a second backward still holds the unscaled gradients.
+        scale = grad_out.reshape(())
+        grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
+        grad_weight = grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

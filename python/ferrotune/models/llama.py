@@ -365,9 +365,23 @@ def project(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> tuple[torch.
     return tuple(p(x) for p in projections)
 
 
+def plain_rms_norm(norm: nn.Module) -> bool:
+    """An RMSNorm that the fused kernels below may run in place of its module call: not wrapped or
+    replaced by an adapter method, and with no hooks that the call would have run."""
+    return type(norm) is RMSNorm and not (norm._forward_hooks or norm._forward_pre_hooks)
+
+
+def norm_beside_residual(x: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, norm(x)) for a block input that also runs on as the residual: on the fast path the
+    residual's gradient is summed inside the RMSNorm's backward kernel."""
+    if plain_rms_norm(norm):
+        return kernels.rms_norm_beside_residual(x, norm.weight, norm.eps)
+    return x, norm(x)
+
+
 def add_then_norm(x: torch.Tensor, r: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + r, norm(x + r)): one fused kernel each way for an RMSNorm on the fast path."""
-    if type(norm) is RMSNorm:
+    if plain_rms_norm(norm):
         return kernels.add_rms_norm(x, r, norm.weight, norm.eps)
     h = x + r
     return h, norm(h)
@@ -471,7 +485,8 @@ class DecoderLayer(nn.Module):
         kv_cache: KVCache | None = None,
         prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, prefix_kv)
+        x, normed = norm_beside_residual(x, self.input_layernorm)
+        attn = self.self_attn(normed, cos, sin, mask, kv_cache, prefix_kv)
         if self.attn_adapter is not None:
             attn = self.attn_adapter(attn)
         h, normed = add_then_norm(x, attn, self.post_attention_layernorm)  # h = x + attn
@@ -512,6 +527,27 @@ class LlamaModel(nn.Module):
             self._inv_freq[device] = rope_inverse_frequencies(self.config, device)
         return self._inv_freq[device]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T) -> (B, T, hidden). With tied embeddings on the fast path, the
+        table's gradient from this lookup is added into the head's gradient row by row
+        (`kernels.tied_embedding`) instead of as a dense (vocab, hidden) tensor."""
+        table = self.embed_tokens
+        weight = table.weight
+        sparse_grad = (
+            self.config.tie_word_embeddings
+            and type(table) is nn.Embedding
+            and type(weight) is nn.Parameter  # not an FSDP2 shard or other tensor subclass
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+            and triton_runs_on(weight)
+            and table.padding_idx is None
+            and table.max_norm is None
+            and not table.scale_grad_by_freq
+            and not (table._forward_hooks or table._forward_pre_hooks)
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        )
+        return kernels.tied_embedding(input_ids, weight) if sparse_grad else table(input_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # (B, T)
@@ -524,7 +560,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
         batch, length = x.shape[:2]
         offset = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:

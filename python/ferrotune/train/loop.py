@@ -36,6 +36,8 @@ from torch import nn
 from ferrotune.config import Config, TrainConfig, to_dict
 from ferrotune.errors import FormatError
 from ferrotune.io import load_checkpoint, save_safetensors
+from ferrotune.kernels._dispatch import triton_runs_on
+from ferrotune.kernels.adamw import AdamW, local_shard
 from ferrotune.train import dist
 from ferrotune.train.losses import trained_tokens
 from ferrotune.train.multitask import format_task_metrics, routing_inputs, token_weights
@@ -131,8 +133,9 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not. Fused
-    kernels on CUDA; `train.optimizer = "adamw8bit"` keeps both moments in 8 bits."""
+    """AdamW over trainable parameters; matrices decay, vectors (norms, biases) do not. On CUDA
+    the step is `kernels.adamw.AdamW` (torch's state layout, one Triton pass over each group);
+    `train.optimizer = "adamw8bit"` keeps both moments in 8 bits."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
@@ -146,10 +149,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         from ferrotune.train.optim8bit import AdamW8bit
 
         return AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    fused = all(p.is_cuda for _, p in named)
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=fused or None
-    )
+    if all(triton_runs_on(local_shard(p)) for _, p in named):  # CUDA: one Triton pass per group
+        return AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
