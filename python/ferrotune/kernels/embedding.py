@@ -20,12 +20,17 @@ lookup gives. `F.embedding` is the reference.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
 
 from ferrotune.kernels._dispatch import HAVE_TRITON, triton_runs_on
+
+# The rows are built valid (ids within the table); torch warns once per process that it does not
+# re-check them, which says nothing to a user of this module.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 if HAVE_TRITON:
     import triton
