@@ -216,8 +216,10 @@ class AdamW(torch.optim.AdamW):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                local = local_shard(p)
-                if not triton_runs_on(local) or p.grad.is_sparse or not local.is_contiguous():
+                local, grad = local_shard(p), local_shard(p.grad)
+                if not triton_runs_on(local) or grad.is_sparse or not local.is_contiguous():
+                    return False
+                if local.data_ptr() % 16 or grad.data_ptr() % 16:  # views at odd offsets
                     return False
         return True
 
