@@ -1,0 +1,148 @@
+"""Microbenchmarks of the parts of a `full1b` step (Llama-3.2-1B shape, 8 x 2048 tokens, bf16), to
+see which part has room left:
+
+    python bench/parts_gpu.py gemm    # each layer GEMM (forward, dX, dX accumulated, dW) in TFLOP/s,
+                                      # through cuBLAS and cuBLASLt, and the head's chunk GEMMs
+    python bench/parts_gpu.py ce      # the loss kernel's launch shapes on a 4k x 128k bf16 chunk
+    python bench/parts_gpu.py attn    # causal GQA attention forward+backward per SDPA backend, FlexAttention
+    python bench/parts_gpu.py adamw   # torch's fused AdamW against kernels.adamw.AdamW on the 1B model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes import L1B
+
+TOKENS, HIDDEN, INTER, KV, VOCAB, CHUNK = 16384, 2048, 8192, 512, 128256, 4096
+
+
+def cuda_ms(fn, iters: int = 20, warm: int = 3) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / iters
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+
+def layer_rates(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> dict[str, int]:
+    """TFLOP/s of y = x Wᵀ, dX = dY W (fresh and accumulated in place) and dW = dYᵀ x."""
+    tflop = 2 * x.shape[0] * w.shape[0] * w.shape[1] / 1e9  # per ms
+    times = {"fwd": cuda_ms(lambda: x @ w.t()), "dx": cuda_ms(lambda: dy @ w),
+             "dx_add": cuda_ms(lambda: dx.addmm_(dy, w)), "dw": cuda_ms(lambda: dy.t() @ x)}  # fmt: skip
+    return {k: round(tflop / t) for k, t in times.items()}
+
+
+def gemm() -> None:
+    mats = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, HIDDEN),
+            "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN), "down": (HIDDEN, INTER),
+            "head chunk": (VOCAB, HIDDEN)}  # fmt: skip
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        for name, (out, inp) in mats.items():
+            rows = CHUNK if name == "head chunk" else TOKENS
+            rates = layer_rates(randn(out, inp), randn(rows, inp), randn(rows, out), randn(rows, inp))
+            print(json.dumps({"lib": lib, "mat": name, **rates}), flush=True)
+    torch.backends.cuda.preferred_blas_library("cublas")
+
+
+def ce() -> None:
+    from ferrotune.kernels import cross_entropy
+
+    base = randn(CHUNK, VOCAB) * 3
+    labels = torch.randint(0, VOCAB, (CHUNK,), device="cuda")
+    scale = torch.full((CHUNK,), 1.0 / TOKENS, device="cuda")
+    loss = torch.empty(CHUNK, device="cuda")
+    work = base.clone()
+    copy_ms = cuda_ms(lambda: work.copy_(base))
+    for block, warps in [(8192, 16), (4096, 8), (2048, 4), (2048, 8), (16384, 32)]:
+
+        def run(block=block, warps=warps) -> None:
+            work.copy_(base)
+            cross_entropy._rows_loss_and_grad[(CHUNK,)](
+                work, labels, scale, loss, work.stride(0), VOCAB, -100,
+                WRITE_GRAD=True, BLOCK=block, num_warps=warps,
+            )  # fmt: skip
+
+        ms = cuda_ms(run) - copy_ms
+        print(
+            json.dumps(
+                {
+                    "block": block,
+                    "warps": warps,
+                    "ms": round(ms, 3),
+                    "TB/s": round(3 * base.numel() * 2 / ms / 1e9, 2),
+                }
+            )
+        )
+
+
+def attn() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q = randn(8, 32, 2048, 64).requires_grad_()
+    k, v = randn(8, 8, 2048, 64).requires_grad_(), randn(8, 8, 2048, 64).requires_grad_()
+    do = randn(8, 32, 2048, 64)
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+
+    def sdpa_step() -> None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(out, (q, k, v), do)
+
+    for name, backend in backends.items():
+        with sdpa_kernel(backend):
+            ms = cuda_ms(sdpa_step, iters=10)
+        print(json.dumps({"attention": name, "fwd_bwd_ms": round(ms, 3)}))
+    flex = torch.compile(flex_attention)
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 2048, 2048)
+    ms = cuda_ms(
+        lambda: torch.autograd.grad(flex(q, k, v, block_mask=mask, enable_gqa=True), (q, k, v), do), iters=10
+    )
+    print(json.dumps({"attention": "flex", "fwd_bwd_ms": round(ms, 3)}))
+
+
+def adamw() -> None:
+    from ferrotune.kernels.adamw import AdamW
+    from ferrotune.models.llama import CausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = CausalLM(LlamaConfig(**L1B)).to(torch.bfloat16)
+    ours = list(model.parameters())
+    theirs = [p.detach().clone() for p in ours]
+    for p, q in zip(ours, theirs, strict=True):
+        p.grad = torch.randn_like(p) * 1e-3
+        q.grad = p.grad.clone()
+
+    def groups(params):
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+
+    fused, triton_adamw = torch.optim.AdamW(groups(theirs), lr=1e-4, fused=True), AdamW(groups(ours), lr=1e-4)
+    for _ in range(3):
+        fused.step()
+        triton_adamw.step()
+    differing = sum(int((p != q).sum()) for p, q in zip(ours, theirs, strict=True))
+    print(json.dumps({"torch_fused_ms": round(cuda_ms(fused.step, iters=10), 3),
+                      "triton_ms": round(cuda_ms(triton_adamw.step, iters=10), 3),
+                      "differing_after_3_steps": differing, "elements": sum(p.numel() for p in ours)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    {"gemm": gemm, "ce": ce, "attn": attn, "adamw": adamw}[sys.argv[1] if len(sys.argv) > 1 else "gemm"]()
