@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ferrotune.kernels._dispatch import cpu_interpreter
 from ferrotune.kernels.adamw import AdamW, adamw_update, adamw_update_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter has no bfloat16 (see tests/test_kernels.py): bf16 is checked on the GPU only.
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu_too():
-    if DEVICE == "cpu":
-        with cpu_interpreter():
-            yield
-    else:
-        yield
+# Kernels take the Triton path even on the CPU here (under the interpreter).
+pytestmark = pytest.mark.usefixtures("triton_kernels_on_cpu_too")
 
 
 def make_params(dtype, seed=0):

@@ -22,12 +22,14 @@ from ferrotune.kernels import (
     swiglu_linear_reference,
     swiglu_reference,
 )
-from ferrotune.kernels._dispatch import cpu_interpreter, triton_runs_on
+from ferrotune.kernels._dispatch import triton_runs_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter computes bfloat16 through numpy, which has no bfloat16 and returns
 # garbage, so bf16 is checked on the GPU and half precision stands in for it on the CPU.
 LOW = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+# Kernels take the Triton path even on the CPU here (under the interpreter).
+pytestmark = pytest.mark.usefixtures("triton_kernels_on_cpu_too")
 
 
 def grads_of(fn, *inputs, seed=0):
@@ -44,16 +46,6 @@ def assert_close_all(a, b, atol, rtol):
     torch.testing.assert_close(a[0], b[0], atol=atol, rtol=rtol)
     for ga, gb in zip(a[1], b[1], strict=True):
         torch.testing.assert_close(ga, gb, atol=atol, rtol=rtol)
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu_too():
-    """Kernels take the Triton path in these tests even on the CPU (under the interpreter)."""
-    if DEVICE == "cpu":
-        with cpu_interpreter():
-            yield
-    else:
-        yield
 
 
 def test_the_triton_path_is_exercised():
