@@ -254,3 +254,77 @@ def test_qwen_models_export_under_their_own_architecture(model_dir, tmp_path, mo
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(got)
     else:
         assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= set(got)
+
+
+def sentencepiece_model_dir(folder, with_tokenizer_json: bool):
+    """A Llama-2-style folder: a SentencePiece BPE model with byte fallback trained here (pieces
+    0-2 the unknown/BOS/EOS controls, one user-defined piece), one added token past the model's
+    own in added_tokens.json, and config.json's vocabulary larger than both (padding)."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    model = io.BytesIO()
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "merging adapters into models, then exporting",
+    ] * 50
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=model, vocab_size=320, model_type="bpe",
+        byte_fallback=True, user_defined_symbols=["<sep>"], minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    base = processor.vocab_size()
+    (folder / "added_tokens.json").write_text(json.dumps({"<tool>": base, "<s>": 1}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True})
+    )
+    torch.manual_seed(2)
+    config = transformers.LlamaConfig(**{**CONFIG, "vocab_size": base + 8}, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    if with_tokenizer_json:  # what HF writes beside it: BPE with byte fallback, not byte-level
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+        tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+        tok.save(str(folder / "tokenizer.json"))
+    return folder, base, config.vocab_size
+
+
+@pytest.mark.parametrize("with_tokenizer_json", [False, True])
+def test_sentencepiece_tokenizers_export_as_llama_cpp_converts_them(tmp_path, with_tokenizer_json):
+    """Tokens, scores and types equal gguf-py's `SentencePieceVocab` of the same folder (read by
+    the sentencepiece library), then `[PADn]` entries up to config.json's vocabulary, as
+    llama.cpp's converter pads; llama.cpp's "llama" tokenizer model with the special ids."""
+    folder, base, vocab_size = sentencepiece_model_dir(tmp_path / "spm", with_tokenizer_json)
+    out = tmp_path / "spm.gguf"
+    export_gguf(folder, out, dtype="f16")
+    reader = gguf.GGUFReader(out)
+    expected = list(gguf.vocab.SentencePieceVocab(folder).all_tokens())
+    assert len(expected) == base + 1  # the model's pieces and <tool>
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    scores = field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(scores) == len(types) == vocab_size
+    for i, (text, score, kind) in enumerate(expected):
+        assert (tokens[i], scores[i], types[i]) == (text.decode(), pytest.approx(score), int(kind)), i
+    for i in range(len(expected), vocab_size):
+        assert (tokens[i], scores[i], types[i]) == (f"[PAD{i}]", -10000.0, gguf.TokenType.UNUSED)
+    assert {gguf.TokenType.BYTE, gguf.TokenType.CONTROL, gguf.TokenType.UNKNOWN} <= set(types)
+    assert types[tokens.index("<sep>")] == gguf.TokenType.NORMAL  # user-defined pieces, as the converters
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    assert field(reader, "tokenizer.ggml.pre") == "default"
+    assert "tokenizer.ggml.merges" not in reader.fields
+    assert field(reader, "tokenizer.ggml.bos_token_id") == 1
+    assert field(reader, "tokenizer.ggml.eos_token_id") == 2
+    assert field(reader, "tokenizer.ggml.unknown_token_id") == 0
+    assert field(reader, "tokenizer.ggml.add_bos_token") is True
+
+
+def test_a_broken_sentencepiece_model_is_named(tmp_path):
+    folder, _, _ = sentencepiece_model_dir(tmp_path / "spm", with_tokenizer_json=False)
+    data = (folder / "tokenizer.model").read_bytes()
+    (folder / "tokenizer.model").write_bytes(data[: len(data) // 3])
+    with pytest.raises(Exception, match=r"tokenizer\.model"):
+        export_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

@@ -6,8 +6,9 @@ The writer is native (`rust/src/merge/gguf.rs`): tensors renamed to llama.cpp's 
 (`token_embd`, `blk.N.attn_q`, ..., `output`), q/k rows permuted for the `llama` architecture's
 rotary layout,
 norms kept in F32, the other tensors stored as F16, BF16 or Q8_0 (blocks of 32: f16 scale +
-32 int8), 32-byte aligned, with the hyperparameters, the byte-level BPE tokenizer (tokens, token
-types, merges, special token ids) and the chat template as metadata.
+32 int8), 32-byte aligned, with the hyperparameters, the tokenizer (a byte-level BPE tokenizer.json
+as llama.cpp's "gpt2" model, or a SentencePiece tokenizer.model as its "llama" model), the special
+token ids and the chat template as metadata.
 """
 
 from __future__ import annotations

@@ -283,57 +283,65 @@ impl ModelConfig {
     }
 }
 
-/// The tokenizer metadata of a byte-level BPE `tokenizer.json` (llama.cpp's "gpt2" model).
+// llama.cpp's token types (the SentencePiece numbering).
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+/// The tokenizer metadata: a byte-level BPE `tokenizer.json` as llama.cpp's "gpt2" model, or, where
+/// the folder has no such file but a SentencePiece `tokenizer.model` (Llama 2, Mistral v0.1), that
+/// model as llama.cpp's "llama" one. Then the special tokens, the add-BOS/EOS flags and the chat
+/// template.
 fn tokenizer_metadata(
     dir: &Path,
     config: &ModelConfig,
     meta: &mut Vec<(String, Meta)>,
 ) -> Result<()> {
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        return Err(Error::format(dir, "folder", "no tokenizer.json to export"));
-    }
-    let raw = read_json(&path)?;
-    let model = raw
-        .get("model")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::format(&path, "model", "missing"))?;
-    if model.get("type").and_then(Value::as_str) != Some("BPE") {
-        return Err(Error::format(
-            &path,
-            "model.type",
-            "only BPE tokenizers are exported",
-        ));
-    }
-    let byte_level =
-        |v: Option<&Value>| serde_json::to_string(&v).is_ok_and(|s| s.contains("\"ByteLevel\""));
-    if !byte_level(raw.get("pre_tokenizer")) && !byte_level(raw.get("decoder")) {
-        return Err(Error::format(
-            &path,
-            "pre_tokenizer",
-            "not byte-level BPE: only byte-level (GPT-2 style) tokenizers are exported",
-        ));
-    }
-    let vocab = model
-        .get("vocab")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::format(&path, "model.vocab", "missing or not an object"))?;
-    let mut by_id: BTreeMap<usize, (String, i32)> = BTreeMap::new();
-    const NORMAL: i32 = 1;
-    const CONTROL: i32 = 3;
-    const USER_DEFINED: i32 = 4;
-    const UNUSED: i32 = 5;
-    for (token, id) in vocab {
-        let id = id.as_u64().ok_or_else(|| {
-            Error::format(
-                &path,
-                format!("model.vocab.{token}"),
-                "id must be an integer",
-            )
-        })?;
-        by_id.insert(id as usize, (token.clone(), NORMAL));
-    }
-    let mut special_ids: BTreeMap<String, u32> = BTreeMap::new();
+    let json_path = dir.join("tokenizer.json");
+    let json = if json_path.exists() {
+        Some(read_json(&json_path)?)
+    } else {
+        None
+    };
+    let spm_path = dir.join("tokenizer.model");
+    let byte_level_bpe = json.as_ref().is_some_and(|raw| {
+        raw.get("model")
+            .and_then(|m| m.get("type"))
+            .and_then(Value::as_str)
+            == Some("BPE")
+            && (mentions_byte_level(raw.get("pre_tokenizer"))
+                || mentions_byte_level(raw.get("decoder")))
+    });
+    let (tokens, special_ids) = match json {
+        Some(raw) if byte_level_bpe || !spm_path.exists() => {
+            bpe_vocabulary(&json_path, &raw, config, meta)?
+        }
+        raw if spm_path.exists() => {
+            sentencepiece_vocabulary(dir, &spm_path, raw.as_ref(), config, meta)?
+        }
+        _ => {
+            return Err(Error::format(
+                dir,
+                "folder",
+                "no tokenizer.json or tokenizer.model to export",
+            ))
+        }
+    };
+    special_token_metadata(dir, config, &tokens, &special_ids, meta)
+}
+
+/// Whether a tokenizer.json component (pre-tokenizer, decoder) is or contains `ByteLevel`.
+fn mentions_byte_level(component: Option<&Value>) -> bool {
+    serde_json::to_string(&component).is_ok_and(|s| s.contains("\"ByteLevel\""))
+}
+
+/// The ids of a tokenizer.json's `added_tokens`, by content.
+fn added_token_ids(
+    raw: &serde_json::Map<String, Value>,
+    path: &Path,
+) -> Result<Vec<(u32, String, bool)>> {
+    let mut out = Vec::new();
     for (i, added) in raw
         .get("added_tokens")
         .and_then(Value::as_array)
@@ -345,23 +353,145 @@ fn tokenizer_metadata(
         let id = added
             .get("id")
             .and_then(Value::as_u64)
-            .ok_or_else(|| Error::format(&path, &place, "needs an integer id"))?;
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| Error::format(path, &place, "needs an integer id"))?;
         let content = added
             .get("content")
             .and_then(Value::as_str)
-            .ok_or_else(|| Error::format(&path, &place, "needs a content string"))?;
+            .ok_or_else(|| Error::format(path, &place, "needs a content string"))?;
         let special = added
             .get("special")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        out.push((id, content.to_string(), special));
+    }
+    Ok(out)
+}
+
+/// A SentencePiece `tokenizer.model` as llama.cpp's "llama" vocabulary, as its converters write it:
+/// every piece with its score and type (user-defined pieces count as normal), then the tokens of
+/// `added_tokens.json` past the model's own (user-defined, score -1000, ids in sequence), then
+/// `[PADn]` entries (unused, score -10000) up to the model's vocabulary size. Returns the tokens
+/// and the special-token ids by content.
+fn sentencepiece_vocabulary(
+    dir: &Path,
+    spm_path: &Path,
+    json: Option<&serde_json::Map<String, Value>>,
+    config: &ModelConfig,
+    meta: &mut Vec<(String, Meta)>,
+) -> Result<(Vec<String>, BTreeMap<String, u32>)> {
+    let pieces = super::spm::read_pieces(spm_path)?;
+    let mut tokens = Vec::with_capacity(config.vocab.max(pieces.len()));
+    let mut scores = Vec::with_capacity(tokens.capacity());
+    let mut types = Vec::with_capacity(tokens.capacity());
+    for piece in pieces {
+        tokens.push(piece.text);
+        scores.push(piece.score);
+        types.push(if piece.kind == USER_DEFINED {
+            NORMAL
+        } else {
+            piece.kind
+        });
+    }
+    let added_path = dir.join("added_tokens.json");
+    if added_path.exists() {
+        let added = read_json(&added_path)?;
+        let mut extra: Vec<(usize, &str)> = Vec::new();
+        for (content, id) in &added {
+            let id = id
+                .as_u64()
+                .ok_or_else(|| Error::format(&added_path, content, "id must be an integer"))?
+                as usize;
+            if id >= tokens.len() {
+                extra.push((id, content));
+            }
+        }
+        extra.sort_unstable();
+        for (id, content) in extra {
+            if id != tokens.len() {
+                return Err(Error::format(
+                    &added_path,
+                    content,
+                    format!("id {id}: added tokens must follow the model's own in sequence (next is {})", tokens.len()),
+                ));
+            }
+            tokens.push(content.to_string());
+            scores.push(-1000.0);
+            types.push(USER_DEFINED);
+        }
+    }
+    for i in tokens.len()..config.vocab {
+        tokens.push(format!("[PAD{i}]"));
+        scores.push(-10000.0);
+        types.push(UNUSED);
+    }
+    let mut special_ids: BTreeMap<String, u32> = BTreeMap::new();
+    if let Some(raw) = json {
+        for (id, content, _) in added_token_ids(raw, &dir.join("tokenizer.json"))? {
+            special_ids.insert(content, id);
+        }
+    }
+    meta.push(("tokenizer.ggml.model".into(), Meta::Str("llama".into())));
+    meta.push(("tokenizer.ggml.pre".into(), Meta::Str("default".into())));
+    meta.push(("tokenizer.ggml.tokens".into(), Meta::Strs(tokens.clone())));
+    meta.push(("tokenizer.ggml.scores".into(), Meta::F32s(scores)));
+    meta.push(("tokenizer.ggml.token_type".into(), Meta::I32s(types)));
+    Ok((tokens, special_ids))
+}
+
+/// A byte-level BPE `tokenizer.json` as llama.cpp's "gpt2" vocabulary (tokens, types, merges).
+/// Returns the tokens and the special-token ids by content.
+fn bpe_vocabulary(
+    path: &Path,
+    raw: &serde_json::Map<String, Value>,
+    config: &ModelConfig,
+    meta: &mut Vec<(String, Meta)>,
+) -> Result<(Vec<String>, BTreeMap<String, u32>)> {
+    let path = path.to_path_buf();
+    let model = raw
+        .get("model")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(&path, "model", "missing"))?;
+    if model.get("type").and_then(Value::as_str) != Some("BPE") {
+        return Err(Error::format(
+            &path,
+            "model.type",
+            "only BPE tokenizers (or a SentencePiece tokenizer.model) are exported",
+        ));
+    }
+    if !mentions_byte_level(raw.get("pre_tokenizer")) && !mentions_byte_level(raw.get("decoder")) {
+        return Err(Error::format(
+            &path,
+            "pre_tokenizer",
+            "not byte-level BPE, and no tokenizer.model beside it: only byte-level (GPT-2 style) \
+             tokenizer.json files and SentencePiece models are exported",
+        ));
+    }
+    let vocab = model
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::format(&path, "model.vocab", "missing or not an object"))?;
+    let mut by_id: BTreeMap<usize, (String, i32)> = BTreeMap::new();
+    for (token, id) in vocab {
+        let id = id.as_u64().ok_or_else(|| {
+            Error::format(
+                &path,
+                format!("model.vocab.{token}"),
+                "id must be an integer",
+            )
+        })?;
+        by_id.insert(id as usize, (token.clone(), NORMAL));
+    }
+    let mut special_ids: BTreeMap<String, u32> = BTreeMap::new();
+    for (id, content, special) in added_token_ids(raw, &path)? {
         by_id.insert(
             id as usize,
             (
-                content.to_string(),
+                content.clone(),
                 if special { CONTROL } else { USER_DEFINED },
             ),
         );
-        special_ids.insert(content.to_string(), id as u32);
+        special_ids.insert(content, id);
     }
     let size = config
         .vocab
@@ -410,8 +540,18 @@ fn tokenizer_metadata(
     meta.push(("tokenizer.ggml.tokens".into(), Meta::Strs(tokens.clone())));
     meta.push(("tokenizer.ggml.token_type".into(), Meta::I32s(types)));
     meta.push(("tokenizer.ggml.merges".into(), Meta::Strs(merges)));
+    Ok((tokens, special_ids))
+}
 
-    // Special tokens: tokenizer_config.json names them, config.json gives ids as a fallback.
+/// The special-token ids (tokenizer_config.json names them, config.json gives ids as a fallback),
+/// the add-BOS/EOS flags and the chat template.
+fn special_token_metadata(
+    dir: &Path,
+    config: &ModelConfig,
+    tokens: &[String],
+    special_ids: &BTreeMap<String, u32>,
+    meta: &mut Vec<(String, Meta)>,
+) -> Result<()> {
     let token_config_path = dir.join("tokenizer_config.json");
     let token_config = if token_config_path.exists() {
         read_json(&token_config_path)?

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod lora;
 pub mod probe;
 pub mod quantized;
+pub mod spm;
 pub mod stream;
 pub mod svd;
 
