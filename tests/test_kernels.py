@@ -330,8 +330,10 @@ def test_rms_norm_beside_residual_sums_both_gradients_of_its_input(dtype, tol):
     torch.testing.assert_close(only, torch.full_like(x, 3.0) * grads_of(lambda x: x, x)[1][0])
 
 
-@pytest.mark.parametrize("head_in_loss", [True, False])
-def test_tied_embedding_gradient_equals_the_plain_lookup(head_in_loss):
+@pytest.mark.parametrize(
+    ("head_in_loss", "ids_dtype"), [(True, torch.int64), (False, torch.int64), (True, torch.int32)]
+)
+def test_tied_embedding_gradient_equals_the_plain_lookup(head_in_loss, ids_dtype):
     """A tied model's table gradient on the fast path (the lookup's rows added sparsely into the
     head's gradient) equals the plain path's, with or without the head in the loss, and summed
     over two backward passes; `.grad` is dense and no dense lookup gradient is built."""
@@ -343,7 +345,7 @@ def test_tied_embedding_gradient_equals_the_plain_lookup(head_in_loss):
     torch.manual_seed(0)
     model = CausalLM(config).to(DEVICE)
     g = torch.Generator().manual_seed(2)
-    batches = [torch.randint(0, 40, (2, 48), generator=g).to(DEVICE) for _ in range(2)]  # repeated tokens
+    batches = [torch.randint(0, 40, (2, 48), generator=g).to(DEVICE, ids_dtype) for _ in range(2)]  # repeats
 
     def table_grad(fast: bool):
         model.zero_grad(set_to_none=True)
@@ -352,7 +354,7 @@ def test_tied_embedding_gradient_equals_the_plain_lookup(head_in_loss):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 for ids in batches:
                     hidden = model.hidden_states(ids)
-                    labels = torch.roll(ids, -1, 1)
+                    labels = torch.roll(ids, -1, 1).long()
                     loss = (
                         linear_cross_entropy(hidden, model.lm_head.weight, labels)
                         if head_in_loss

@@ -81,7 +81,7 @@ class _SparseGradEmbedding(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):
         (ids,) = ctx.saved_tensors
         rows, width = ctx.table_shape
-        return None, _row_sums(ids.reshape(-1), dout.reshape(-1, width), rows)
+        return None, _row_sums(ids.reshape(-1).long(), dout.reshape(-1, width), rows)  # int64 indices
 
 
 _hooked: dict[int, weakref.ref[torch.Tensor]] = {}  # id -> the weight whose hook is registered
