@@ -134,3 +134,40 @@ def test_a_parameter_at_an_unaligned_offset_takes_torchs_step():
     run(AdamW(ours, lr=1e-2), ours, steps=3)
     run(torch.optim.AdamW(theirs, lr=1e-2), theirs, steps=3)
     assert torch.equal(ours[0], theirs[0])
+
+
+def test_fsdp2_shards_step_through_the_kernel_as_torch_steps_them(tmp_path):
+    """FSDP2 parameters (DTensors; one gloo rank here) are stepped on their local shards by the
+    kernel, and end where torch's AdamW takes the same model."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    backend = "nccl" if DEVICE == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+
+        def sharded_model():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8)).to(DEVICE)
+            for layer in model:
+                fully_shard(layer)
+            return fully_shard(model)
+
+        ours, theirs = sharded_model(), sharded_model()
+        assert type(next(ours.parameters())).__name__ == "DTensor"
+        ours_opt, theirs_opt = (
+            AdamW(ours.parameters(), lr=1e-2),
+            torch.optim.AdamW(theirs.parameters(), lr=1e-2),
+        )
+        x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        for _ in range(3):
+            for model, opt in ((ours, ours_opt), (theirs, theirs_opt)):
+                opt.zero_grad()
+                model(x).square().sum().backward()
+            assert ours_opt._kernel_serves()
+            ours_opt.step()
+            theirs_opt.step()
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(a.full_tensor(), b.full_tensor(), atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
