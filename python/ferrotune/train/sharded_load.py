@@ -88,6 +88,18 @@ def base_sources(model: nn.Module, checkpoint_names: Mapping[int, str]) -> dict[
     return sources
 
 
+class StandIn(nn.Parameter):
+    """A base parameter's stand-in while `[peft]` is applied: zero-stride zeros on the training
+    device. Its deep copy (a `modules_to_save` copy of a base module) is a meta parameter again,
+    filled from the checkpoint like its original: copying the stand-in would allocate the whole
+    tensor."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Parameter:
+        copy = nn.Parameter(torch.empty(self.shape, dtype=self.dtype, device="meta"), self.requires_grad)
+        memo[id(self)] = copy
+        return copy
+
+
 @contextlib.contextmanager
 def real_base_weights(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Within the block, each meta parameter of `model` is a zero-stride tensor on `device` of its
@@ -104,7 +116,7 @@ def real_base_weights(model: nn.Module, device: torch.device) -> Iterator[None]:
                     continue
                 if id(param) not in stand_ins:
                     zero = torch.zeros((), device=device, dtype=param.dtype).expand(param.shape)
-                    stand_ins[id(param)] = nn.Parameter(zero, requires_grad=param.requires_grad)
+                    stand_ins[id(param)] = StandIn(zero, requires_grad=param.requires_grad)
                 module._parameters[pname] = stand_ins[id(param)]
                 swapped.append((module, pname, param))
         yield
