@@ -331,10 +331,11 @@ def wrap_model(
 
 
 def refuse_prompt_encoders(model: nn.Module) -> None:
-    """Prompt tuning and P-tuning (`PromptEncoder`) run the decoder blocks twice per step, the
-    prompt's pass leaving them through its keys and values in a KV cache rather than through a
-    block's output; FSDP2 then frees a block's gathered weights before that pass's backward has
-    used them (a `setStorage ... storage of size 0` error mid-backward). Refused up front."""
+    """Prompt tuning and P-tuning (`PromptEncoder`) run the decoder blocks twice per step; under
+    FSDP2 the backward then meets a block weight already freed (`setStorage ... storage of size
+    0`, with the whole model loaded too), most likely because the prompt's pass leaves the blocks
+    through its keys and values in a KV cache rather than through a block output, which is what
+    FSDP2's backward hooks watch. Refused up front, before any weight is read."""
     from ferrotune.peft.prompt import PromptEncoder
 
     if any(isinstance(m, PromptEncoder) for m in model.modules()):
