@@ -335,7 +335,7 @@ def refuse_prompt_encoders(model: nn.Module) -> None:
     FSDP2 the backward then meets a block weight already freed (`setStorage ... storage of size
     0`, with the whole model loaded too), most likely because the prompt's pass leaves the blocks
     through its keys and values in a KV cache rather than through a block output, which is what
-    FSDP2's backward hooks watch. Refused up front, before any weight is read."""
+    FSDP2's backward hooks watch. Refused when the model is wrapped, before training."""
     from ferrotune.peft.prompt import PromptEncoder
 
     if any(isinstance(m, PromptEncoder) for m in model.modules()):
