@@ -761,7 +761,27 @@ plot = false
 """
 LORA_SECTION = '[peft]\nmethod = "lora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }'
 DORA_SECTION = '[peft]\nmethod = "dora"\noptions = { r = 4, alpha = 8, target_modules = "all-linear" }'
-IA3_SECTION = '[peft]\nmethod = "ia3"\noptions = { target_modules = ["k_proj", "v_proj", "down_proj"] }'
+# IA3 with a trained copy of the (tied) lm_head: the copy is filled from the embedding's rows
+IA3_SECTION = (
+    '[peft]\nmethod = "ia3"\noptions = { target_modules = ["k_proj", "v_proj", "down_proj"], '
+    'modules_to_save = ["lm_head"] }'
+)
+HOULSBY_SECTION = '[peft]\nmethod = "houlsby"\noptions = { bottleneck_size = 8, activation = "gelu" }'
+# the prefix encoders (E' and its MLP; E) sit at the model level, outside the decoder blocks:
+# the root fully_shard shards them
+PREFIX_SECTION = (
+    '[peft]\nmethod = "prefix"\n'
+    "options = { num_virtual_tokens = 3, prefix_projection = true, encoder_hidden_size = 16 }"
+)
+P_TUNING_V2_SECTION = '[peft]\nmethod = "p_tuning_v2"\noptions = { num_virtual_tokens = 3 }'
+PEFT_SECTIONS = {
+    "lora": LORA_SECTION,
+    "ia3": IA3_SECTION,
+    "dora": DORA_SECTION,
+    "houlsby": HOULSBY_SECTION,
+    "prefix": PREFIX_SECTION,
+    "p_tuning_v2": P_TUNING_V2_SECTION,
+}
 ADAPTER_SEED = 11  # the global RNG state LoRA draws its A matrices from, the same in every run
 
 
@@ -811,6 +831,8 @@ def sharded_train_job(env: fd.DistEnv, out: str, method: str) -> None:
     def inspect_then_train(model, *args, **kwargs):
         allocation.__exit__(None, None, None)
         params = dict(model.named_parameters())
+        lm = getattr(model, "base_model", model)  # the CausalLM under a PrefixModel
+        lm_head = getattr(lm.lm_head, "original_module", lm.lm_head)  # under a modules_to_save copy
         record = {
             "largest_allocation": allocation.nbytes,
             "largest_allocation_op": allocation.op,
@@ -819,7 +841,7 @@ def sharded_train_job(env: fd.DistEnv, out: str, method: str) -> None:
             "local": {
                 name: list(p.to_local().shape) if fd._is_dtensor(p) else None for name, p in params.items()
             },
-            "tied": getattr(model.lm_head, "weight", None) is model.model.embed_tokens.weight,
+            "tied": lm_head.weight is lm.model.embed_tokens.weight,
         }
         with open(os.path.join(out, f"shards.rank{env.rank}.json"), "w") as f:
             json.dump(record, f)
@@ -848,8 +870,22 @@ def job_sharded_dora(env: fd.DistEnv, out: str) -> None:
     sharded_train_job(env, out, "dora")
 
 
-def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
+def job_sharded_houlsby(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "houlsby")
 
+
+def job_sharded_prefix(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "prefix")
+
+
+def job_sharded_p_tuning_v2(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "p_tuning_v2")
+
+
+def sharded_runs_equal_one_process(tmp_path, methods: dict[str, int]) -> None:
+    """For each method (-> the number of tensors its final file holds): `ferrotune train` on 2
+    ranks loads shard by shard (`sharded_train_job`) and gives the losses and final weights of
+    one process with the whole model and the same global batch."""
     from ferrotune.config import load_config
     from ferrotune.models import CausalLM, LlamaConfig, save_model
     from ferrotune.train.run import train_from_config
@@ -869,10 +905,10 @@ def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
     base.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
     save_model(base, tmp_path / "base")
 
-    for method in ("full", "lora", "ia3", "dora"):
+    for method, n_tensors in methods.items():
         job = f"job_sharded_{method}"
         (tmp_path / job).mkdir()
-        peft = {"lora": LORA_SECTION, "ia3": IA3_SECTION, "dora": DORA_SECTION}.get(method, "")
+        peft = PEFT_SECTIONS.get(method, "")
         offload = "fsdp_cpu_offload = true" if method == "lora" else ""  # shards kept on the CPU
         text = dict(base=tmp_path / "base", tok=tmp_path / "tok", corpus=corpus, peft=peft, offload=offload)
         toml = tmp_path / job / f"{method}.toml"
@@ -886,16 +922,13 @@ def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
         one = train_from_config(load_config(toml, [*overrides, f"run.output_dir={one_dir}"]), quiet=True)
         lines = (tmp_path / job / "run" / "metrics.jsonl").read_text().splitlines()
         two = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-        assert two == pytest.approx(one.result.losses, rel=1e-5) and len(two) == 3
+        assert two == pytest.approx(one.result.losses, rel=1e-5) and len(two) == 3, method
         weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
         got, want = (
             load_file(tmp_path / job / "run" / "final" / weights),
             load_file(one_dir / "final" / weights),
         )
-        assert (
-            set(got) == set(want)
-            and len(got) == {"full": 2 * 9 + 2, "lora": 2 * 7 * 2, "ia3": 2 * 3, "dora": 2 * 7 * 3}[method]
-        )
+        assert set(got) == set(want) and len(got) == n_tensors, (method, sorted(got))
         _assert_close_states(got, want)
 
         for rank in (0, 1):
@@ -909,6 +942,20 @@ def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
             # this rank's rows of the embedding (321 x 32 fp32), never a whole parameter
             assert shards["largest_parameter"] == 321 * 32 * 4
             assert 0 < shards["largest_allocation"] <= 161 * 32 * 4, shards["largest_allocation_op"]
+
+
+def test_fsdp_train_loads_shard_by_shard_and_equals_one_process(tmp_path):
+    # full: 2 x 9 + 2 tensors; LoRA: A and B of 7 linears x 2 layers; IA3: 3 vectors x 2 layers
+    # and the lm_head copy; DoRA: A, B and m of 7 linears x 2 layers
+    sharded_runs_equal_one_process(
+        tmp_path, {"full": 2 * 9 + 2, "lora": 2 * 7 * 2, "ia3": 2 * 3 + 1, "dora": 2 * 7 * 3}
+    )
+
+
+def test_fsdp_train_loads_bottleneck_and_prefix_shard_by_shard(tmp_path):
+    # Houlsby: down and up (weight, bias) after attention and after the MLP of 2 layers; prefix
+    # tuning and P-tuning v2: E (the encoder's output, as PEFT saves it)
+    sharded_runs_equal_one_process(tmp_path, {"houlsby": 2 * 2 * 4, "prefix": 1, "p_tuning_v2": 1})
 
 
 # --------------------------------------------------------------------------------------------------

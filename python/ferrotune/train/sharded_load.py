@@ -3,31 +3,40 @@ rank ever holds the whole model: a model that only fits sharded trains, and each
 device memory carry 1/W of the weights instead of all of them.
 
     CausalLM on the meta device            shapes and names, no storage
-    -> [peft] LoRA, DoRA or IA3            adapters real (small, whole), drawn from the RNG as usual
+    -> [peft] (see below)                  adapters real (small, whole), drawn from the RNG as usual
     -> fully_shard (dist.wrap_model)       every parameter becomes a DTensor sharded on dim 0
     -> to_empty(device)                    each rank allocates its local shards only
     -> copy_rows                           each rank copies its rows of every tensor from the
                                            memory-mapped safetensors file, converting the dtype
     -> dora_magnitudes_from_shards         DoRA: each rank's rows of m from its rows of W
 
-The adapters are the values the whole-model path gives: while LoRA is applied, every `nn.Linear`
-weight of the meta model is stood in for by a zero-stride tensor on the training device (one
-element of storage), so `LoraLinear.add_adapter` (and IA3's, for its vectors of ones) builds and
-initialises A and B on that device
-from the same random stream, in the same order, as over a loaded model. They are kept whole, then
-sharded like every other parameter.
+The adapters are the values the whole-model path gives: while `[peft]` is applied, every base
+parameter of the meta model is stood in for by a zero-stride tensor on the training device (one
+element of storage; tied weights share one), so the adapters a method builds "beside" a base
+weight land on that device and are initialised from the same random stream, in the same order,
+as over a loaded model: LoRA's A and B, IA3's vectors of ones, the bottleneck adapters'
+projections (Houlsby, Pfeiffer: modules in the decoder blocks' adapter slots), the prefix encoder
+of prefix tuning and P-tuning v2 and the prompt encoder of prompt tuning and P-tuning with random
+init (both at the model level, under a `PrefixModel` wrapper: the root `fully_shard` shards them).
+They are kept whole, then sharded like every other parameter. A `modules_to_save` copy of a base
+module stays meta (`StandIn.__deepcopy__`) and is filled from the checkpoint like its original
+(`base_sources`: the copy of a tied `lm_head` reads the embedding's rows). Prompt tuning and
+P-tuning would load this way, but FSDP2 cannot train them yet: `dist.refuse_prompt_encoders`
+says so when the model is wrapped (here, before any weight is read).
 
 Runs that keep the whole-model load (`sharded_load_blocker` says why): training from scratch
 (`init_weights` draws the whole model from one generator), PiSSA (its SVD reads whole base
-weights), the other PEFT methods and multi-task adapters, and
-`modules_to_save` (a trained copy of a base module). A 4-bit (NF4, QLoRA) base is quantized from
-whole weights and FSDP2 restricts uint8 shards (`dist.holds_quantized_storage`); `ferrotune train`
-does not build one, and the Python API's QLoRA under FSDP keeps the whole-model load.
+weights), prompt tuning / P-tuning initialised from the vocabulary's embeddings (`init = "vocab"`
+or `"text"` reads rows of the embedding), and multi-task adapters. A 4-bit (NF4, QLoRA) base is
+quantized from whole weights and FSDP2 restricts uint8 shards (`dist.holds_quantized_storage`);
+`ferrotune train` does not build one, and the Python API's QLoRA under FSDP keeps the whole-model
+load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -38,7 +47,9 @@ from ferrotune.config import Config
 from ferrotune.models.llama import CausalLM
 from ferrotune.train import dist
 
-BASE_LAYER = ".base_layer."  # LoraLinear keeps the frozen linear as `base_layer`
+# a `modules_to_save` copy, `<module>.modules_to_save.<adapter>.<param>`, mirrors its original,
+# `<module>.original_module.<param>`
+SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
 def sharded_load_blocker(config: Config) -> str | None:
@@ -53,44 +64,68 @@ def sharded_load_blocker(config: Config) -> str | None:
     if multitask_enabled(config):
         return "multi-task adapters"
     if config.peft.method:
-        from ferrotune.peft import IA3Config, LoraConfig, config_from_dict
+        from ferrotune.peft import LoraConfig, PromptConfig, config_from_dict
 
         method = config_from_dict(config.peft.method, config.peft.options)
-        if not isinstance(method, (LoraConfig, IA3Config)):
-            return f"peft.method = {config.peft.method!r}"
         if isinstance(method, LoraConfig) and method.init not in ("default", "gaussian"):
             return "the adapter's initialisation reads the base weights (PiSSA)"
-        if method.modules_to_save:
-            return "modules_to_save copies base modules"
+        if isinstance(method, PromptConfig) and method.init != "random":
+            return f"the prompt's initialisation (init = {method.init!r}) reads rows of the embedding"
     return None
 
 
-def checkpoint_name(parameter: str) -> str:
-    """The checkpoint's name for a base parameter of the adapted model."""
-    return parameter.replace(BASE_LAYER, ".")
+def base_sources(model: nn.Module, checkpoint_names: Mapping[int, str]) -> dict[str, str]:
+    """{parameter of the adapted `model`: its tensor in the checkpoint} for every parameter filled
+    from the checkpoint: the base parameters (found by identity in `checkpoint_names`, id -> name,
+    taken from the bare model before `[peft]`, so wrappers' renames such as LoRA's `base_layer`
+    or a `PrefixModel`'s `base_model.` do not matter) and `modules_to_save` copies (their
+    original's tensor). The other parameters are the adapter's own."""
+    sources: dict[str, str] = {}
+    for name, param in model.named_parameters():  # a tied weight once, under its first name
+        original = param
+        if SAVED_COPY.search(name):
+            original = model.get_parameter(SAVED_COPY.sub(".original_module.", name))
+        if id(original) in checkpoint_names:
+            sources[name] = checkpoint_names[id(original)]
+    return sources
+
+
+class StandIn(nn.Parameter):
+    """A base parameter's stand-in while `[peft]` is applied: zero-stride zeros on the training
+    device. Its deep copy (a `modules_to_save` copy of a base module) is a meta parameter again,
+    filled from the checkpoint like its original: copying the stand-in would allocate the whole
+    tensor."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Parameter:
+        copy = nn.Parameter(torch.empty(self.shape, dtype=self.dtype, device="meta"), self.requires_grad)
+        memo[id(self)] = copy
+        return copy
 
 
 @contextlib.contextmanager
-def real_linear_weights(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Within the block, each meta `nn.Linear` weight of `model` is a zero-stride tensor on
-    `device` of its shape and dtype (one element of storage), so that modules built from it (LoRA's
-    A and B) are real and initialised on `device`; afterwards the meta weights are back, with
-    the `requires_grad` set meanwhile (apply_peft freezes the base)."""
-    swapped: list[tuple[nn.Module, nn.Parameter, nn.Parameter]] = []
+def real_base_weights(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Within the block, each meta parameter of `model` is a zero-stride tensor on `device` of its
+    shape and dtype (one element of storage; tied parameters share one), so that modules built
+    beside it (LoRA's A and B, a bottleneck adapter, a prefix encoder) are real and initialised on
+    `device`; afterwards the meta parameters are back, with the `requires_grad` set meanwhile
+    (apply_peft freezes the base)."""
+    stand_ins: dict[int, nn.Parameter] = {}
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
         for module in model.modules():
-            weight = module._parameters.get("weight") if isinstance(module, nn.Linear) else None
-            if weight is None or not weight.is_meta:
-                continue
-            zero = torch.zeros((), device=device, dtype=weight.dtype).expand(weight.shape)
-            stand_in = nn.Parameter(zero, requires_grad=weight.requires_grad)
-            module._parameters["weight"] = stand_in
-            swapped.append((module, weight, stand_in))
+            for pname, param in list(module._parameters.items()):
+                if param is None or not param.is_meta:
+                    continue
+                if id(param) not in stand_ins:
+                    zero = torch.zeros((), device=device, dtype=param.dtype).expand(param.shape)
+                    stand_ins[id(param)] = StandIn(zero, requires_grad=param.requires_grad)
+                module._parameters[pname] = stand_ins[id(param)]
+                swapped.append((module, pname, param))
         yield
     finally:
-        for module, weight, stand_in in reversed(swapped):
-            weight.requires_grad_(stand_in.requires_grad)
-            module._parameters["weight"] = weight
+        for module, pname, param in reversed(swapped):
+            param.requires_grad_(stand_ins[id(param)].requires_grad)
+            module._parameters[pname] = param
 
 
 def copy_rows(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -134,18 +169,23 @@ def load_sharded_model(
         model: nn.Module = CausalLM(model_config)
     model.to(dtype=dtype)
     configure_model(model, config)  # type: ignore[arg-type]
+    checkpoint_names = {id(param): name for name, param in model.named_parameters()}
     if config.peft.method:
         from ferrotune.peft import apply_peft_section
 
-        with real_linear_weights(model, env.device):
+        with real_base_weights(model, env.device):
             model = apply_peft_section(model, config.peft, tokenizer=tokenizer, quiet=quiet)
+    sources = base_sources(model, checkpoint_names)
     # whole adapter tensors, as made above; everything else comes from the checkpoint
     tensors: dict[str, torch.Tensor] = {
-        name: param.detach().clone() for name, param in model.named_parameters() if not param.is_meta
+        name: param.detach().clone() for name, param in model.named_parameters() if name not in sources
     }
-    base = {name: tuple(param.shape) for name, param in model.named_parameters() if name not in tensors}
-    check_checkpoint(checkpoint, weights_file, {checkpoint_name(n): s for n, s in base.items()}, model_config)
-    tensors.update({name: checkpoint[checkpoint_name(name)] for name in base})
+    shapes = {source: tuple(model.get_parameter(name).shape) for name, source in sources.items()}
+    check_checkpoint(checkpoint, weights_file, shapes, model_config)
+    tensors.update({name: checkpoint[source] for name, source in sources.items()})
+    left = [name for name, tensor in tensors.items() if tensor.is_meta]
+    if left:  # a method built a parameter from nothing real: it would be loaded as garbage
+        raise RuntimeError(f"peft.method = {config.peft.method!r} left {left[:3]} on the meta device")
 
     model.to(device="meta")  # the adapters too: every parameter is allocated by to_empty below
     dist.wrap_for_training(model, env, config.train, _precision(config, env))
