@@ -774,6 +774,9 @@ PREFIX_SECTION = (
     "options = { num_virtual_tokens = 3, prefix_projection = true, encoder_hidden_size = 16 }"
 )
 P_TUNING_V2_SECTION = '[peft]\nmethod = "p_tuning_v2"\noptions = { num_virtual_tokens = 3 }'
+PROMPT_SECTION = '[peft]\nmethod = "prompt"\noptions = { num_virtual_tokens = 3 }'
+P_TUNING_SECTION = '[peft]\nmethod = "prompt"\noptions = { num_virtual_tokens = 3, encoder = "mlp", encoder_hidden_size = 16 }'
+P_TUNING_LSTM_SECTION = '[peft]\nmethod = "prompt"\noptions = { num_virtual_tokens = 3, encoder = "lstm", encoder_hidden_size = 8 }'
 PEFT_SECTIONS = {
     "lora": LORA_SECTION,
     "ia3": IA3_SECTION,
@@ -781,6 +784,9 @@ PEFT_SECTIONS = {
     "houlsby": HOULSBY_SECTION,
     "prefix": PREFIX_SECTION,
     "p_tuning_v2": P_TUNING_V2_SECTION,
+    "prompt": PROMPT_SECTION,
+    "p_tuning": P_TUNING_SECTION,
+    "p_tuning_lstm": P_TUNING_LSTM_SECTION,
 }
 ADAPTER_SEED = 11  # the global RNG state LoRA draws its A matrices from, the same in every run
 
@@ -880,6 +886,18 @@ def job_sharded_prefix(env: fd.DistEnv, out: str) -> None:
 
 def job_sharded_p_tuning_v2(env: fd.DistEnv, out: str) -> None:
     sharded_train_job(env, out, "p_tuning_v2")
+
+
+def job_sharded_prompt(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "prompt")
+
+
+def job_sharded_p_tuning(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "p_tuning")
+
+
+def job_sharded_p_tuning_lstm(env: fd.DistEnv, out: str) -> None:
+    sharded_train_job(env, out, "p_tuning_lstm")
 
 
 def sharded_runs_equal_one_process(tmp_path, methods: dict[str, int]) -> None:
@@ -1022,3 +1040,8 @@ def test_packed_dataset_ranks_read_every_row_once(tmp_path, shuffle):
             assert sorted(x for x in local if x >= 0) == sorted(want)
         batch = collate([ranks[-1][i] for i in range(len(ranks[-1]))])
         assert batch["input_ids"].dtype == torch.int64 and batch["document_ids"].dtype == torch.int32
+
+
+def test_fsdp_trains_prompt_tuning_and_p_tuning_as_one_process(tmp_path):
+    # prompt tuning and P-tuning (MLP encoder): E, as PEFT saves it
+    sharded_runs_equal_one_process(tmp_path, {"prompt": 1, "p_tuning": 1, "p_tuning_lstm": 1})

@@ -127,11 +127,26 @@ def prompt_prefix_kv(model: nn.Module, embeddings: torch.Tensor, batch_size: int
     p = embeddings.shape[0]
     cache = model.make_kv_cache(1, p)
     dtype = cache.keys[0].dtype
-    model.hidden_states(inputs_embeds=embeddings.to(dtype)[None], kv_cache=cache)
+    hidden = model.hidden_states(inputs_embeds=embeddings.to(dtype)[None], kv_cache=cache)  # (1, P, hidden)
+    keys = [k[:, :, :p] for k in cache.keys]  # (1, KV, P, D) each
+    if _has_fsdp_blocks(model):
+        # FSDP2 gathers a block's weights for backward when the gradient reaches the block's
+        # output; this pass's keys and values leave the blocks through the cache instead, so its
+        # outputs join the graph with a weight of zero: their gradient (zeros) arrives first and
+        # each block is gathered before the gradient of its keys and values comes in.
+        keys[0] = keys[0] + 0.0 * hidden.sum().to(keys[0].dtype)
     return [
-        (k[:, :, :p].expand(batch_size, -1, -1, -1), v[:, :, :p].expand(batch_size, -1, -1, -1))
-        for k, v in zip(cache.keys, cache.values, strict=True)
+        (k.expand(batch_size, -1, -1, -1), v[:, :, :p].expand(batch_size, -1, -1, -1))
+        for k, v in zip(keys, cache.values, strict=True)
     ]
+
+
+def _has_fsdp_blocks(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _initial_embeddings(

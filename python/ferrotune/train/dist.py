@@ -280,8 +280,6 @@ def wrap_model(
         raise ConfigError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy == "none":
         return model
-    if strategy == "fsdp":
-        refuse_prompt_encoders(model)
     if not env.distributed:
         raise ConfigError(f"strategy = {strategy!r} needs a process group: launch with torchrun")
     if strategy == "ddp":
@@ -328,22 +326,6 @@ def wrap_model(
         )
     fully_shard(model, mesh=mesh, mp_policy=compute, offload_policy=offload)
     return model
-
-
-def refuse_prompt_encoders(model: nn.Module) -> None:
-    """Prompt tuning and P-tuning (`PromptEncoder`) run the decoder blocks twice per step; under
-    FSDP2 the backward then meets a block weight already freed (`setStorage ... storage of size
-    0`, with the whole model loaded too), most likely because the prompt's pass leaves the blocks
-    through its keys and values in a KV cache rather than through a block output, which is what
-    FSDP2's backward hooks watch. Refused when the model is wrapped, before training."""
-    from ferrotune.peft.prompt import PromptEncoder
-
-    if any(isinstance(m, PromptEncoder) for m in model.modules()):
-        raise ConfigError(
-            "strategy = 'fsdp' with prompt tuning / P-tuning (peft.method 'prompt' or 'p_tuning'): "
-            "FSDP2 frees the decoder blocks' weights before the prompt pass's backward uses them; "
-            "use prefix tuning or P-tuning v2 ('prefix', 'p_tuning_v2') under FSDP"
-        )
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -20,9 +20,7 @@ of prefix tuning and P-tuning v2 and the prompt encoder of prompt tuning and P-t
 init (both at the model level, under a `PrefixModel` wrapper: the root `fully_shard` shards them).
 They are kept whole, then sharded like every other parameter. A `modules_to_save` copy of a base
 module stays meta (`StandIn.__deepcopy__`) and is filled from the checkpoint like its original
-(`base_sources`: the copy of a tied `lm_head` reads the embedding's rows). Prompt tuning and
-P-tuning would load this way, but FSDP2 cannot train them yet: `dist.refuse_prompt_encoders`
-says so when the model is wrapped (here, before any weight is read).
+(`base_sources`: the copy of a tied `lm_head` reads the embedding's rows).
 
 Runs that keep the whole-model load (`sharded_load_blocker` says why): training from scratch
 (`init_weights` draws the whole model from one generator), PiSSA (its SVD reads whole base
