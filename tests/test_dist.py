@@ -167,6 +167,9 @@ def single_process(method: str, batches) -> tuple[list[float], dict[str, torch.T
 # --------------------------------------------------------------------------------------------------
 
 
+SHARDED_JOB = "job_sharded_"
+
+
 def _entry(rank: int, world: int, port: int, job: str, out: str) -> None:
     # What torchrun gives each worker: its rank, and a rendezvous store hosted outside the workers.
     os.environ.update(
@@ -181,7 +184,10 @@ def _entry(rank: int, world: int, port: int, job: str, out: str) -> None:
     torch.set_num_threads(1)
     env = fd.init_distributed("cpu")
     try:
-        globals()[job](env, out)
+        if job.startswith(SHARDED_JOB):  # job_sharded_<method>: one `ferrotune train` run per method
+            sharded_train_job(env, out, job.removeprefix(SHARDED_JOB))
+        else:
+            globals()[job](env, out)
     except BaseException:
         with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
@@ -860,46 +866,6 @@ def sharded_train_job(env: fd.DistEnv, out: str, method: str) -> None:
     run.train_from_config(load_config(os.path.join(out, f"{method}.toml")))
 
 
-def job_sharded_full(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "full")
-
-
-def job_sharded_lora(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "lora")
-
-
-def job_sharded_ia3(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "ia3")
-
-
-def job_sharded_dora(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "dora")
-
-
-def job_sharded_houlsby(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "houlsby")
-
-
-def job_sharded_prefix(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "prefix")
-
-
-def job_sharded_p_tuning_v2(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "p_tuning_v2")
-
-
-def job_sharded_prompt(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "prompt")
-
-
-def job_sharded_p_tuning(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "p_tuning")
-
-
-def job_sharded_p_tuning_lstm(env: fd.DistEnv, out: str) -> None:
-    sharded_train_job(env, out, "p_tuning_lstm")
-
-
 def sharded_runs_equal_one_process(tmp_path, methods: dict[str, int]) -> None:
     """For each method (-> the number of tensors its final file holds): `ferrotune train` on 2
     ranks loads shard by shard (`sharded_train_job`) and gives the losses and final weights of
@@ -924,7 +890,7 @@ def sharded_runs_equal_one_process(tmp_path, methods: dict[str, int]) -> None:
     save_model(base, tmp_path / "base")
 
     for method, n_tensors in methods.items():
-        job = f"job_sharded_{method}"
+        job = f"{SHARDED_JOB}{method}"
         (tmp_path / job).mkdir()
         peft = PEFT_SECTIONS.get(method, "")
         offload = "fsdp_cpu_offload = true" if method == "lora" else ""  # shards kept on the CPU
