@@ -1,7 +1,8 @@
-"""Where the GPU waits during `full1b` training steps: two steps back to back under torch.profiler,
-the gaps between consecutive kernels, and the CPU op that was running in each gap.
+"""Where the GPU waits during `full1b` training steps: two steps under torch.profiler, each after a
+sync as `bench/train_gpu.py` times them; the time from each step's start to its first kernel (and
+the CPU ops in it), the gaps between consecutive kernels, and the CPU op running in each gap.
 
-    python bench/gaps_gpu.py            # prints the total idle time and the 25 longest gaps
+    python bench/gaps_gpu.py            # prints the start latency, total idle and the 25 longest gaps
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def main() -> None:
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        step()
-        step()
+        for _ in range(2):  # as bench/train_gpu.py times them: a sync before each step
+            torch.cuda.synchronize()
+            with torch.profiler.record_function("bench_step"):
+                step()
         torch.cuda.synchronize()
     events = prof.events()
     kernels = sorted(
@@ -57,8 +60,18 @@ def main() -> None:
         end = max(end, stop)
     busy = sum(stop - start for start, stop, _ in kernels)
     idle = sum(gap for gap, _, _ in gaps)
-    print(f"two steps: {(end - first) / 1e3:.2f} ms from first kernel to last, kernels {busy / 1e3:.2f} ms, "
+    print(f"two steps: {(end - first) / 1e3:.2f} ms from first kernel to last (a sync between them), kernels {busy / 1e3:.2f} ms, "
           f"idle {idle / 1e3:.2f} ms in {len(gaps)} gaps over 5 us")  # fmt: skip
+
+    # From each step's start on the CPU to its first kernel on the GPU: the GPU waits for launches.
+    for mark in sorted(e.time_range.start for e in events if e.name == "bench_step"):
+        first_kernel = min(start for start, _, _ in kernels if start >= mark)
+        window = sorted(
+            (c for c in cpu_ops if mark <= c[0] < first_kernel and c[1] - c[0] > 20), key=lambda c: c[0]
+        )
+        print(f"step start -> first kernel: {(first_kernel - mark) / 1e3:.3f} ms; CPU ops over 20 us in it:")
+        for start, stop, name in window[:30]:
+            print(f"    {(start - mark) / 1e3:7.3f} ms  {(stop - start):8.1f} us  {name[:60]}")
 
     def cpu_during(t: float) -> str:
         covering = sorted((c for c in cpu_ops if c[0] <= t <= c[1]), key=lambda c: c[1] - c[0])

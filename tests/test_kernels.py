@@ -9,6 +9,7 @@ from ferrotune.kernels import (
     add_rms_norm,
     add_rms_norm_reference,
     apply_rope,
+    apply_rope_pair,
     apply_rope_reference,
     linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -86,6 +87,42 @@ def test_rope_matches_reference_on_strided_heads(dtype, tol):
     assert_close_all(fast, ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 1e-2)])
+@pytest.mark.parametrize("keys_used", [True, False])
+def test_rope_pair_rotates_queries_and_keys_as_two_calls_would(dtype, tol, keys_used):
+    g = torch.Generator().manual_seed(12)
+    bsz, seq, heads, kv_heads, dim = 2, 5, 6, 2, 16
+    q = torch.randn(bsz, heads, seq, dim, generator=g).to(DEVICE, dtype).transpose(1, 2)  # strided
+    k = torch.randn(bsz, seq, kv_heads, dim, generator=g).to(DEVICE, dtype)
+    angles = torch.randn(1, seq, dim // 2, generator=g).repeat(1, 1, 2)  # one table for every row
+    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    weight = 1.0 if keys_used else 0.0
+
+    def pair(q, k):
+        q_rot, k_rot = apply_rope_pair(q, k, cos, sin)
+        return torch.cat((q_rot.flatten(), weight * k_rot.flatten()))
+
+    def two_calls(q, k):
+        full = (bsz, seq, dim)
+        q_rot = apply_rope_reference(q, cos.expand(full), sin.expand(full))
+        return torch.cat(
+            (q_rot.flatten(), weight * apply_rope_reference(k, cos.expand(full), sin.expand(full)).flatten())
+        )
+
+    assert_close_all(grads_of(pair, q, k), grads_of(two_calls, q, k), atol=tol, rtol=tol)
+
+
+def test_rope_pair_backward_with_only_the_queries_in_the_loss():
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(1, 4, 2, 8, generator=g).to(DEVICE).requires_grad_()
+    k = torch.randn(1, 4, 1, 8, generator=g).to(DEVICE).requires_grad_()
+    cos, sin = torch.ones(4, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)  # angle 0: identity
+    q_rot, _ = apply_rope_pair(q, k, cos, sin)
+    q_rot.sum().backward()
+    torch.testing.assert_close(q.grad, torch.ones_like(q))
+    assert k.grad is None
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 2e-2)])
 def test_swiglu_matches_reference(dtype, tol):
     g = torch.Generator().manual_seed(3)
@@ -154,6 +191,23 @@ def test_swiglu_linear_recomputes_the_product_and_matches_reference(dtype, tol, 
     fast = grads_of(swiglu_linear, *inputs)
     ref = grads_of(swiglu_linear_reference, *inputs)
     assert_close_all(fast, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (LOW, 3e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_linear_adds_the_residual_as_the_reference_does(dtype, tol, bias):
+    g = torch.Generator().manual_seed(14)
+    gate = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
+    up = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
+    w = (0.1 * torch.randn(40, 96, generator=g)).to(DEVICE, dtype)
+    b = torch.randn(40, generator=g).to(DEVICE, dtype) if bias else None
+    residual = torch.randn(2, 3, 40, generator=g).to(DEVICE, dtype)
+    fast = grads_of(lambda g_, u, w, r: swiglu_linear(g_, u, w, b, r), gate, up, w, residual)
+    ref = grads_of(lambda g_, u, w, r: swiglu_linear_reference(g_, u, w, b, r), gate, up, w, residual)
+    assert_close_all(fast, ref, atol=tol, rtol=tol)
+    # the residual's gradient is the output's, whole
+    upstream = torch.randn(fast[0].shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+    torch.testing.assert_close(fast[1][3], upstream)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bf16 is a CUDA feature")

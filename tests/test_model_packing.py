@@ -114,6 +114,32 @@ def test_unpacked_batch_uses_plain_causal_attention_and_agrees_with_one_document
     torch.testing.assert_close(plain, as_documents, rtol=1e-5, atol=1e-5)
 
 
+def test_kept_rope_tables_equal_tables_from_explicit_positions():
+    """Rows without position ids share tables kept across calls: the logits and gradients equal those
+    from explicit positions 0..T-1, lengths change between calls, and only a few tables are kept."""
+    model = tiny_model()
+    inner = model.model
+    g = torch.Generator().manual_seed(4)
+    for length in (16, 9, 5, 16, 7, 11, 13):
+        ids = torch.randint(0, VOCAB, (2, length), generator=g)
+        kept = model(ids)
+        kept.square().mean().backward()
+        kept_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        explicit = model(ids, position_ids=torch.arange(length).expand(2, length))
+        explicit.square().mean().backward()
+        torch.testing.assert_close(kept, explicit, rtol=0, atol=0)
+        for a, p in zip(kept_grads, model.parameters(), strict=True):
+            torch.testing.assert_close(a, p.grad, rtol=0, atol=0)
+        model.zero_grad()
+    assert len(inner._rope_tables) == 4
+    assert (9, torch.device("cpu"), torch.float32) not in inner._rope_tables  # the oldest went first
+    assert (16, torch.device("cpu"), torch.float32) in inner._rope_tables  # used again, so kept longer
+    with torch.inference_mode():  # tables made here could not be saved for backward later: not kept
+        model(torch.randint(0, VOCAB, (1, 3), generator=g))
+    assert (3, torch.device("cpu"), torch.float32) not in inner._rope_tables
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("window", [None, 6])
 def test_flex_attention_path_equals_dense_mask(window):

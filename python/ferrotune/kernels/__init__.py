@@ -17,13 +17,14 @@ from ferrotune.kernels.rmsnorm import (
     rms_norm_beside_residual,
     rms_norm_reference,
 )
-from ferrotune.kernels.rope import apply_rope, apply_rope_reference
+from ferrotune.kernels.rope import apply_rope, apply_rope_pair, apply_rope_reference
 from ferrotune.kernels.swiglu import swiglu, swiglu_linear, swiglu_linear_reference, swiglu_reference
 
 __all__ = [
     "add_rms_norm",
     "add_rms_norm_reference",
     "apply_rope",
+    "apply_rope_pair",
     "apply_rope_reference",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",

@@ -6,7 +6,8 @@ together; no interleaving), so weights need no permutation:
     y2 = x2 * cos + x1 * sin
 
 Backward is the same rotation by -angle: dx1 = dy1 * cos + dy2 * sin, dx2 = dy2 * cos - dy1 * sin.
-The Triton kernel runs one program per (batch, position) and rotates every head there.
+The Triton kernel runs one program per (batch, position) and rotates every head there; attention
+rotates its queries and keys in one launch (`apply_rope_pair`), reading the position's cos/sin once.
 """
 
 from __future__ import annotations
@@ -20,21 +21,12 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rope_kernel(
-        X, COS, SIN, Y, T, n_heads, half,
-        sx_b, sx_t, sx_h, sc_b, sc_t, sy_b, sy_t, sy_h,
-        BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _rotate_heads(
+        X, Y, b, t, n_heads, half, sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, cos, sin, d, dmask,
+        BLOCK_H: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        b = pid // T
-        t = pid % T
-        d = tl.arange(0, BLOCK_D)
+        """Rotates the n_heads heads of x[b, t] by (cos, sin) (BLOCK_D,) fp32 into y[b, t]."""
         h = tl.arange(0, BLOCK_H)
-        dmask = d < half
-        cos = tl.load(COS + b * sc_b + t * sc_t + d, mask=dmask, other=0.0).to(tl.float32)
-        sin = tl.load(SIN + b * sc_b + t * sc_t + d, mask=dmask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            sin = -sin
         mask = (h[:, None] < n_heads) & dmask[None, :]
         x_base = X + b * sx_b + t * sx_t + h[:, None] * sx_h + d[None, :]
         x1 = tl.load(x_base, mask=mask, other=0.0).to(tl.float32)
@@ -44,6 +36,29 @@ if HAVE_TRITON:
         y_base = Y + b * sy_b + t * sy_t + h[:, None] * sy_h + d[None, :]
         tl.store(y_base, y1.to(Y.dtype.element_ty), mask=mask)
         tl.store(y_base + half, y2.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(
+        X, Z, COS, SIN, Y, W, T, n_x, n_z, half,
+        sx_b, sx_t, sx_h, sz_b, sz_t, sz_h, sc_b, sc_t, sy_b, sy_t, sy_h, sw_b, sw_t, sw_h,
+        BACKWARD: tl.constexpr, PAIR: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Z: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """y = rope(x) and, with PAIR, w = rope(z) at the same position (queries and keys)."""
+        pid = tl.program_id(0)
+        b = pid // T
+        t = pid % T
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < half
+        cos = tl.load(COS + b * sc_b + t * sc_t + d, mask=dmask, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + b * sc_b + t * sc_t + d, mask=dmask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            sin = -sin
+        _rotate_heads(X, Y, b, t, n_x, half, sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, cos, sin, d, dmask, BLOCK_X)
+        if PAIR:
+            _rotate_heads(
+                Z, W, b, t, n_z, half, sz_b, sz_t, sz_h, sw_b, sw_t, sw_h, cos, sin, d, dmask, BLOCK_Z
+            )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,34 +73,66 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return (x * cos + _rotate_half(x) * sin).to(x.dtype)
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    bsz, seq, n_heads, dim = x.shape
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch(
+    x: torch.Tensor,  # (B, T, H, D)
+    z: torch.Tensor | None,  # (B, T, H', D) rotated at the same positions, or None
+    cos: torch.Tensor,  # (B or 1, T, D) or (T, D)
+    sin: torch.Tensor,
+    backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    bsz, seq, n_x, dim = x.shape
     cos = cos.expand(bsz, seq, dim)
     sin = sin.expand(bsz, seq, dim)
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(bsz, seq, n_heads, dim, dtype=x.dtype, device=x.device)
+    x = _token_major(x)
+    y = torch.empty(bsz, seq, n_x, dim, dtype=x.dtype, device=x.device)
+    pair = z is not None
+    z = _token_major(z) if z is not None else x
+    w = torch.empty(bsz, seq, z.shape[2], dim, dtype=z.dtype, device=z.device) if pair else y
     half = dim // 2
     _rope_kernel[(bsz * seq,)](
-        x, cos, sin, y, seq, n_heads, half,
-        x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), y.stride(0), y.stride(1), y.stride(2),
-        BACKWARD=backward, BLOCK_H=triton.next_power_of_2(n_heads), BLOCK_D=triton.next_power_of_2(half),
+        x, z, cos, sin, y, w, seq, n_x, z.shape[2], half,
+        x.stride(0), x.stride(1), x.stride(2), z.stride(0), z.stride(1), z.stride(2),
+        cos.stride(0), cos.stride(1), y.stride(0), y.stride(1), y.stride(2), w.stride(0), w.stride(1), w.stride(2),
+        BACKWARD=backward, PAIR=pair, BLOCK_X=triton.next_power_of_2(n_x),
+        BLOCK_Z=triton.next_power_of_2(z.shape[2]), BLOCK_D=triton.next_power_of_2(half),
     )  # fmt: skip
-    return y
+    return y, (w if pair else None)
 
 
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return _launch(x, cos, sin, backward=False)
+        return _launch(x, None, cos, sin, backward=False)[0]
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return _launch(dy, cos, sin, backward=True), None, None
+        return _launch(dy, None, cos, sin, backward=True)[0], None, None
+
+
+class _RopePair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        ctx.set_materialize_grads(False)  # an output outside the loss gives its input no gradient
+        return _launch(q, k, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor | None, dk: torch.Tensor | None):
+        cos, sin = ctx.saved_tensors
+        if dq is None or dk is None:  # one of them took no part in the loss
+            dq_in = _launch(dq, None, cos, sin, backward=True)[0] if dq is not None else None
+            dk_in = _launch(dk, None, cos, sin, backward=True)[0] if dk is not None else None
+            return dq_in, dk_in, None, None
+        dq_in, dk_in = _launch(dq, dk, cos, sin, backward=True)
+        return dq_in, dk_in, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -96,3 +143,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return _Rope.apply(x, cos, sin)
     full = (x.shape[0], x.shape[1], x.shape[-1])
     return apply_rope_reference(x, cos.expand(full), sin.expand(full))
+
+
+def apply_rope_pair(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(apply_rope(q, cos, sin), apply_rope(k, cos, sin)) for queries (B, T, H, D) and keys
+    (B, T, KV, D) at the same positions: one kernel launch each way on the Triton path."""
+    if (
+        triton_runs_on(q)
+        and q.shape[-1] % 2 == 0
+        and k.shape[:2] == q.shape[:2]
+        and k.shape[-1] == q.shape[-1]
+    ):
+        return _RopePair.apply(q, k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

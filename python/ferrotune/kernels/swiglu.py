@@ -73,19 +73,31 @@ class _SwiGLU(torch.autograd.Function):
 
 
 class _SwiGLULinear(torch.autograd.Function):
-    """y = linear(silu(g) * u, W, b) keeping only g and u for backward: h = silu(g) * u, the
-    widest activation of the MLP, is recomputed (elementwise, cheap) instead of stored. Under
-    autocast, backward runs in the forward's autocast state, so bf16 activations meet fp32
-    weights cast as in forward, and dW comes back in W's dtype."""
+    """y = r + linear(silu(g) * u, W, b) keeping only g and u for backward: h = silu(g) * u, the
+    widest activation of the MLP, is recomputed (elementwise, cheap) instead of stored. The
+    residual r (optional) is added by the GEMM itself (its C operand) where dtypes allow, not by a
+    separate pass. Under autocast, backward runs in the forward's autocast state, so bf16
+    activations meet fp32 weights cast as in forward, and dW comes back in W's dtype."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, gate, up, weight, bias):
+    def forward(ctx, gate, up, weight, bias, residual):
         gate, up = gate.contiguous(), up.contiguous()
         h = swiglu(gate, up)  # (..., I)
         ctx.save_for_backward(gate, up, weight)
         ctx.has_bias = bias is not None
-        return F.linear(h, weight, bias)
+        if residual is None:
+            return F.linear(h, weight, bias)
+        gemm_adds = (
+            bias is None
+            and not torch.is_autocast_enabled(h.device.type)
+            and residual.dtype == h.dtype == weight.dtype
+            and residual.shape == (*h.shape[:-1], weight.shape[0])
+        )
+        if not gemm_adds:
+            return residual + F.linear(h, weight, bias)
+        h2 = h.reshape(-1, h.shape[-1])  # (N, I)
+        return torch.addmm(residual.reshape(-1, weight.shape[0]), h2, weight.t()).view(residual.shape)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -113,22 +125,32 @@ class _SwiGLULinear(torch.autograd.Function):
             h2 = h.reshape(-1, h.shape[-1])  # (N, I)
             dweight = (dy2.t() @ h2).to(weight.dtype) if need_weight else None
             dbias = dy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return dgate, dup, dweight, dbias
+        dresidual = dy if ctx.needs_input_grad[4] else None
+        return dgate, dup, dweight, dbias, dresidual
 
 
 def swiglu_linear_reference(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return F.linear(swiglu_reference(gate, up), weight, bias)
+    out = F.linear(swiglu_reference(gate, up), weight, bias)
+    return out if residual is None else residual + out
 
 
 def swiglu_linear(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """down_proj(silu(gate) * up) for a plain linear down projection, without storing the
-    (..., intermediate) product for backward (it is recomputed there). Same values and gradients
-    as `swiglu_linear_reference`."""
-    return _SwiGLULinear.apply(gate, up, weight, bias)
+    """[residual +] down_proj(silu(gate) * up) for a plain linear down projection, without storing
+    the (..., intermediate) product for backward (it is recomputed there). Same values and
+    gradients as `swiglu_linear_reference` (the residual sum rounded once, inside the GEMM)."""
+    return _SwiGLULinear.apply(gate, up, weight, bias, residual)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

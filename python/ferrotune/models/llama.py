@@ -419,7 +419,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere;
         # either way q and k keep their dtype (under autocast the tables are fp32, q and k bf16).
-        q, k = kernels.apply_rope(q, cos[:, 0], sin[:, 0]), kernels.apply_rope(k, cos[:, 0], sin[:, 0])
+        q, k = kernels.apply_rope_pair(q, k, cos[:, 0], sin[:, 0])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D)
@@ -450,16 +450,19 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)), plus `residual` when given (the block's residual stream,
+        which the fused path adds inside the down projection's GEMM)."""
         if self.act is F.silu and type(self.down_proj) is nn.Linear and x.is_cuda:
             # Plain down projection: the fused path that recomputes silu(g) * u in backward.
             down = self.down_proj
-            return kernels.swiglu_linear(*project(x, (self.gate_proj, self.up_proj)), down.weight, down.bias)
+            gate, up = project(x, (self.gate_proj, self.up_proj))
+            return kernels.swiglu_linear(gate, up, down.weight, down.bias, residual)
         if self.act is F.silu:
-            return self.down_proj(
-                kernels.swiglu(*project(x, (self.gate_proj, self.up_proj)))
-            )  # fused on CUDA
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            out = self.down_proj(kernels.swiglu(*project(x, (self.gate_proj, self.up_proj))))  # fused on CUDA
+        else:
+            out = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return out if residual is None else residual + out
 
 
 class DecoderLayer(nn.Module):
@@ -490,6 +493,12 @@ class DecoderLayer(nn.Module):
         if self.attn_adapter is not None:
             attn = self.attn_adapter(attn)
         h, normed = add_then_norm(x, attn, self.post_attention_layernorm)  # h = x + attn
+        if (
+            self.mlp_adapter is None
+            and type(self.mlp) is MLP
+            and not (self.mlp._forward_hooks or self.mlp._forward_pre_hooks)
+        ):
+            return self.mlp(normed, residual=h)  # h + mlp(normed), the sum taken inside the MLP
         mlp = self.mlp(normed)
         if self.mlp_adapter is not None:
             mlp = self.mlp_adapter(mlp)
@@ -520,12 +529,38 @@ class LlamaModel(nn.Module):
         # "auto": FlexAttention for packed rows on CUDA, SDPA otherwise; "sdpa"; "flex" (tests).
         self.attention_backend = "auto"
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._rope_tables: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
         """RoPE inv_freq (D/2,), computed once per device (kept out of the state dict)."""
         if device not in self._inv_freq:
             self._inv_freq[device] = rope_inverse_frequencies(self.config, device)
         return self._inv_freq[device]
+
+    def rope_angles(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables cos, sin (B, 1, T, D) for position_ids (B, T): fp32 angles, then cast to the
+        activation dtype (as HF does)."""
+        freqs = position_ids[..., None].float() * self.inverse_frequencies(position_ids.device)  # (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def rope_tables(
+        self, length: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables (1, 1, T, D) of positions 0..T-1, which every unpacked row shares: computed
+        once per (length, device, dtype) and reused by later steps (the few most recent kept)."""
+        if torch.is_inference_mode_enabled():  # inference tensors could not be saved for backward later
+            return self.rope_angles(torch.arange(length, device=device)[None], dtype)
+        key = (length, device, dtype)
+        tables = self._rope_tables.pop(key, None)
+        if tables is None:
+            tables = self.rope_angles(torch.arange(length, device=device)[None], dtype)
+            while len(self._rope_tables) >= 4:
+                self._rope_tables.pop(next(iter(self._rope_tables)))
+        self._rope_tables[key] = tables  # most recent last
+        return tables
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T) -> (B, T, hidden). With tied embeddings on the fast path, the
@@ -563,15 +598,15 @@ class LlamaModel(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
         batch, length = x.shape[:2]
         offset = kv_cache.length if kv_cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(offset, offset + length, device=x.device).expand(batch, length)
         if prefix_kv is not None and len(prefix_kv) != len(self.layers):
             raise ValueError(f"prefix_kv has {len(prefix_kv)} entries for {len(self.layers)} layers")
 
-        # RoPE tables, fp32 then cast to the activation dtype (as HF does).
-        freqs = position_ids[..., None].float() * self.inverse_frequencies(x.device)  # (B, T, D/2)
-        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        if position_ids is None and offset == 0:
+            cos, sin = self.rope_tables(length, x.device, x.dtype)  # (1, 1, T, D), kept across steps
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(offset, offset + length, device=x.device).expand(batch, length)
+            cos, sin = self.rope_angles(position_ids, x.dtype)  # (B, 1, T, D)
 
         mask = self._attention_mask(x, document_ids, kv_cache, prefix_kv)
         offloader = self._block_offloader() if self.activation_offload and torch.is_grad_enabled() else None
