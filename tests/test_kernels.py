@@ -13,8 +13,6 @@ from ferrotune.kernels import (
     apply_rope_reference,
     linear_cross_entropy,
     linear_cross_entropy_reference,
-    qkv_rope,
-    qkv_rope_reference,
     rms_norm,
     rms_norm_beside_residual,
     rms_norm_reference,
@@ -123,39 +121,6 @@ def test_rope_pair_backward_with_only_the_queries_in_the_loss():
     q_rot.sum().backward()
     torch.testing.assert_close(q.grad, torch.ones_like(q))
     assert k.grad is None
-
-
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (LOW, 3e-2)])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("used", ["all", "q only", "k and v"])
-def test_stacked_qkv_projection_with_rope_matches_three_projections(dtype, tol, bias, used):
-    g = torch.Generator().manual_seed(15)
-    bsz, seq, hidden, heads, kv_heads, dim = 2, 5, 24, 4, 2, 8
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(DEVICE, dtype)
-
-    x = rand(bsz, seq, hidden)
-    wq, wk, wv = (
-        rand(heads * dim, hidden, scale=0.2),
-        rand(kv_heads * dim, hidden, scale=0.2),
-        rand(kv_heads * dim, hidden, scale=0.2),
-    )
-    biases = (rand(heads * dim), rand(kv_heads * dim), rand(kv_heads * dim)) if bias else ()
-    angles = torch.randn(1, seq, dim // 2, generator=g).repeat(1, 1, 2)
-    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
-    keep = {"all": (1, 1, 1), "q only": (1, 0, 0), "k and v": (0, 1, 1)}[used]
-
-    def run(fn):
-        def loss_terms(x, wq, wk, wv, *b):
-            outs = fn(x, (wq, wk, wv), tuple(b) if b else (None, None, None), cos, sin, heads, kv_heads)
-            return torch.cat([o.flatten() for o, k in zip(outs, keep, strict=True) if k])
-
-        return loss_terms
-
-    inputs = (x, wq, wk, wv, *biases)
-    fast, ref = grads_of(run(qkv_rope), *inputs), grads_of(run(qkv_rope_reference), *inputs)
-    assert_close_all(fast, ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (LOW, 2e-2)])

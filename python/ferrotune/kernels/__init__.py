@@ -10,7 +10,6 @@ from ferrotune.kernels.cross_entropy import linear_cross_entropy, linear_cross_e
 from ferrotune.kernels.embedding import tied_embedding
 from ferrotune.kernels.linear import shared_input_linears, shared_input_linears_reference
 from ferrotune.kernels.lora import lora_linear, lora_linear_reference
-from ferrotune.kernels.qkv import qkv_rope, qkv_rope_reference
 from ferrotune.kernels.rmsnorm import (
     add_rms_norm,
     add_rms_norm_reference,
@@ -31,8 +30,6 @@ __all__ = [
     "linear_cross_entropy_reference",
     "lora_linear",
     "lora_linear_reference",
-    "qkv_rope",
-    "qkv_rope_reference",
     "rms_norm",
     "rms_norm_beside_residual",
     "rms_norm_reference",

@@ -83,8 +83,6 @@ def _launch(
     cos: torch.Tensor,  # (B or 1, T, D) or (T, D)
     sin: torch.Tensor,
     backward: bool,
-    y: torch.Tensor | None = None,  # where x's rotation goes (any strides, last dim contiguous)
-    w: torch.Tensor | None = None,  # where z's rotation goes
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     bsz, seq, n_x, dim = x.shape
     cos = cos.expand(bsz, seq, dim)
@@ -92,13 +90,10 @@ def _launch(
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     x = _token_major(x)
-    if y is None:
-        y = torch.empty(bsz, seq, n_x, dim, dtype=x.dtype, device=x.device)
+    y = torch.empty(bsz, seq, n_x, dim, dtype=x.dtype, device=x.device)
     pair = z is not None
     z = _token_major(z) if z is not None else x
-    if w is None:
-        w = torch.empty(bsz, seq, z.shape[2], dim, dtype=z.dtype, device=z.device) if pair else y
-    assert y.stride(-1) == 1 and w.stride(-1) == 1
+    w = torch.empty(bsz, seq, z.shape[2], dim, dtype=z.dtype, device=z.device) if pair else y
     half = dim // 2
     _rope_kernel[(bsz * seq,)](
         x, z, cos, sin, y, w, seq, n_x, z.shape[2], half,

@@ -365,22 +365,6 @@ def project(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> tuple[torch.
     return tuple(p(x) for p in projections)
 
 
-def stacked_projections(x: torch.Tensor, projections: tuple[nn.Module, ...]) -> bool:
-    """Whether plain `nn.Linear` projections of x may run as one GEMM on their stacked weights: the
-    Triton path, one dtype for x, weights and biases (no autocast casts), all biased or none, and
-    no process group (sharded or replicated weights keep their own gradients)."""
-    if not (triton_runs_on(x) and all(type(p) is nn.Linear for p in projections)):
-        return False
-    linears = cast(tuple[nn.Linear, ...], projections)
-    biases = [p.bias for p in linears]
-    return (
-        all(p.weight.dtype == x.dtype and type(p.weight) is nn.Parameter for p in linears)
-        and (all(b is None for b in biases) or all(b is not None and b.dtype == x.dtype for b in biases))
-        and not torch.is_autocast_enabled(x.device.type)
-        and not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    )
-
-
 def plain_rms_norm(norm: nn.Module) -> bool:
     """An RMSNorm that the fused kernels below may run in place of its module call: not wrapped or
     replaced by an adapter method, and with no hooks that the call would have run."""
@@ -427,23 +411,15 @@ class Attention(nn.Module):
         prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        if self.q_norm is None and stacked_projections(x, projections):
-            # one GEMM each way for q, k and v, RoPE on q and k inside the same node
-            q, k, v = kernels.qkv_rope(
-                x, tuple(p.weight for p in projections), tuple(p.bias for p in projections),  # type: ignore[arg-type]
-                cos[:, 0], sin[:, 0], self.n_heads, self.n_kv_heads,
-            )  # fmt: skip
-        else:
-            q, k, v = project(x, projections)
-            q = q.view(batch, length, self.n_heads, self.head_dim)  # (B, T, H, D)
-            k = k.view(batch, length, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-            v = v.view(batch, length, self.n_kv_heads, self.head_dim)
-            if self.q_norm is not None and self.k_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere;
-            # either way q and k keep their dtype (under autocast the tables are fp32, q and k bf16).
-            q, k = kernels.apply_rope_pair(q, k, cos[:, 0], sin[:, 0])
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, length, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE on the token-major layout: the Triton kernel on CUDA, `apply_rope`'s formula elsewhere;
+        # either way q and k keep their dtype (under autocast the tables are fp32, q and k bf16).
+        q, k = kernels.apply_rope_pair(q, k, cos[:, 0], sin[:, 0])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)  # (B, KV, S, D)
