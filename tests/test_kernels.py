@@ -388,3 +388,111 @@ def test_linear_cross_entropy_backward_twice_over_a_kept_graph():
     linear_cross_entropy_reference(ref_h, ref_w, labels).backward()
     torch.testing.assert_close(hidden.grad, ref_h.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's grid and keywords, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def rms_block_cases(path, x, w, branch):
+    """(fast, reference) functions of the leaves for one use of the norm: alone, beside the
+    residual stream (x also reaches the loss directly) or after the residual add."""
+    eps = 1e-5
+    if path == "plain":
+        return (lambda x, w: rms_norm(x, w, eps)), (lambda x, w: rms_norm_reference(x, w, eps))
+    if path == "beside_residual":
+
+        def beside(norm_fn):
+            def fn(x, w):
+                residual, normed = norm_fn(x, w)
+                return residual * branch + normed
+
+            return fn
+
+        return beside(lambda x, w: rms_norm_beside_residual(x, w, eps)), beside(
+            lambda x, w: (x, rms_norm_reference(x, w, eps))
+        )
+
+    def after_add(add_norm_fn):
+        def fn(x, r, w):
+            h, y = add_norm_fn(x, r, w, eps)
+            return h * branch + y
+
+        return fn
+
+    return after_add(add_rms_norm), after_add(add_rms_norm_reference)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize(("n_rows", "hidden"), [(7, 48), (33, 48), (33, 2048), (1, 48)])
+@pytest.mark.parametrize("programs_per_sm", [1, 4])
+@pytest.mark.parametrize("path", ["plain", "beside_residual", "add"])
+def test_rms_norm_backward_in_row_tiles_matches_reference(
+    monkeypatch, rows, n_rows, hidden, programs_per_sm, path
+):
+    """The backward kernel walking ROWS rows a step (row counts that leave ragged last steps and
+    programs with fewer rows than others) gives the reference's dx and dw, also with the
+    residual gradient added in the kernel; the launch setting reaches the kernel."""
+    from ferrotune.kernels import rmsnorm
+
+    launch = dict(rows=rows, warps=8, programs_per_sm=programs_per_sm)
+    monkeypatch.setattr(rmsnorm, "RMS_BACKWARD_LAUNCH", launch)
+    spy = LaunchSpy(rmsnorm._rms_backward)
+    monkeypatch.setattr(rmsnorm, "_rms_backward", spy)
+    g = torch.Generator().manual_seed(21)
+    x, r, branch = (torch.randn(n_rows, hidden, generator=g).to(DEVICE) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE)
+    fast_fn, ref_fn = rms_block_cases(path, x, w, branch)
+    inputs = (x, r, w) if path == "add" else (x, w)
+    assert_close_all(grads_of(fast_fn, *inputs), grads_of(ref_fn, *inputs), atol=1e-5, rtol=1e-5)
+    ((grid, kwargs),) = spy.launches
+    assert kwargs["ROWS"] == rows and kwargs["HAS_RES"] == (path != "plain")
+    assert grid[0] <= programs_per_sm * rmsnorm._sm_count(x.device)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("path", ["plain", "add"])
+def test_rms_norm_backward_in_row_tiles_in_low_precision(monkeypatch, rows, path):
+    from ferrotune.kernels import rmsnorm
+
+    monkeypatch.setattr(rmsnorm, "RMS_BACKWARD_LAUNCH", dict(rows=rows, warps=8, programs_per_sm=1))
+    g = torch.Generator().manual_seed(22)
+    x, r, branch = (torch.randn(3, 11, 96, generator=g).to(DEVICE, LOW) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE, LOW)
+    fast_fn, ref_fn = rms_block_cases(path, x, w, branch)
+    inputs = (x, r, w) if path == "add" else (x, w)
+    assert_close_all(grads_of(fast_fn, *inputs), grads_of(ref_fn, *inputs), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("rows_per_program", "rows"), [(3, 2), (5, 4), (2, 4)])
+def test_rms_backward_kernel_keeps_to_its_programs_rows(rows_per_program, rows):
+    """Launched directly with a share of rows that is no whole number of ROWS steps, each program
+    stops at the end of its share: no row's dx is written twice, no row counted twice in dw."""
+    from ferrotune.kernels import rmsnorm
+
+    g = torch.Generator().manual_seed(23)
+    n_rows, hidden = 7, 48
+    x, dy = (torch.randn(n_rows, hidden, generator=g).to(DEVICE) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)
+    dx = torch.full_like(x, float("nan"))
+    programs = -(-n_rows // rows_per_program)
+    dw_partial = torch.empty(programs, hidden, device=DEVICE)
+    rmsnorm._rms_backward[(programs,)](
+        dy, x, w, rstd, dx, dx, dw_partial, dy.stride(0), x.stride(0), dx.stride(0), n_rows, hidden,
+        rows_per_program, BLOCK=64, ROWS=rows, HAS_RES=False,
+    )  # fmt: skip
+    leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+    (rms_norm_reference(*leaves, 1e-5) * dy).sum().backward()
+    torch.testing.assert_close(dx, leaves[0].grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw_partial.sum(0), leaves[1].grad, atol=1e-5, rtol=1e-5)
