@@ -566,7 +566,7 @@ def test_linear_cross_entropy_backward_scales_in_fp32(s, dtype):
     assert old_agrees == (dtype == torch.float32 or s in (1.0, 0.5))
     ref = [t.double().requires_grad_(True) for t in (h, w)]
     (linear_cross_entropy_reference(*ref, y) * s).backward()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 logits on the GPU
     for got, want in zip(scaled, ref, strict=True):
         torch.testing.assert_close(got.double(), want.grad, atol=tol * s, rtol=tol)
 
