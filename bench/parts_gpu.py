@@ -6,6 +6,9 @@ see which part has room left:
     python bench/parts_gpu.py ce      # the loss kernel's launch shapes on a 4k x 128k bf16 chunk
     python bench/parts_gpu.py attn    # causal GQA attention forward+backward per SDPA backend, FlexAttention
     python bench/parts_gpu.py adamw   # torch's fused AdamW against kernels.adamw.AdamW on the 1B model
+    python bench/parts_gpu.py rms     # the RMSNorm backward kernel's launch shapes on (16384, 2048) bf16
+    python bench/parts_gpu.py ce_scale  # the LM head's gradient scaled by the upstream gradient in
+                                        # backward: out of place in bf16 (old) against in place in fp32
 """
 
 from __future__ import annotations
@@ -144,5 +147,116 @@ def adamw() -> None:
                       "differing_after_3_steps": differing, "elements": sum(p.numel() for p in ours)}))  # fmt: skip
 
 
+def rms() -> None:
+    """Each launch shape of the norm's backward (with and without the residual gradient added in),
+    checked against the reference, then timed; the fastest shape per case last."""
+    from ferrotune.kernels import rmsnorm
+
+    torch.manual_seed(0)
+    x, dy, dres = randn(TOKENS, HIDDEN), randn(TOKENS, HIDDEN), randn(TOKENS, HIDDEN)
+    w = (1 + 0.1 * torch.randn(HIDDEN, device="cuda")).to(torch.bfloat16)
+    eps = 1e-5
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + eps)  # (N,) fp32, as the forward kernel keeps it
+    # the reference's weight in fp32, so that dw is summed in fp32 as the kernel sums it
+    leaves = [x.clone().requires_grad_(True), w.float().requires_grad_(True)]
+    (rmsnorm.rms_norm_reference(*leaves, eps) * dy.float()).sum().backward()
+    ref_dx, ref_dw = leaves[0].grad.float(), leaves[1].grad
+    for res in (False, True):
+        results = []
+        for rows in (1, 2, 4):
+            for warps in (4, 8, 16):
+                for programs_per_sm in (1, 2, 4, 8):
+                    launch = dict(rows=rows, warps=warps, programs_per_sm=programs_per_sm)
+                    shape = {"res": res, **launch}
+
+                    def run(launch=launch, res=res):
+                        return rmsnorm._rms_norm_backward(x, w, rstd, dy, dres if res else None, launch)
+
+                    dx, dw = run()
+                    want_dx = ref_dx + dres.float() if res else ref_dx
+                    try:
+                        torch.testing.assert_close(dx.float(), want_dx, atol=2e-2, rtol=2e-2)
+                        torch.testing.assert_close(dw.float(), ref_dw, atol=1e-2, rtol=1e-2)
+                    except AssertionError as error:
+                        print(json.dumps({**shape, "error": str(error).splitlines()[0]}), flush=True)
+                        continue
+                    ms = cuda_ms(run)
+                    moved = (4 if res else 3) * x.numel() * x.element_size()  # dy, x, (dres,) dx
+                    results.append({**shape, "ms": round(ms, 4), "GB/s": round(moved / ms / 1e6)})
+                    print(json.dumps(results[-1]), flush=True)
+        if results:
+            print(json.dumps({"best": min(results, key=lambda r: r["ms"])}), flush=True)
+
+
+def ce_scale() -> None:
+    """The head gradient (128256 x 2048 bf16) times the upstream gradient s, as the fused loss's
+    backward does it: the old out-of-place bf16 product against `_rescale` in place (s == 1: no
+    pass at all) and out of place (a kept graph), with extra memory and bandwidth."""
+    from ferrotune.kernels import cross_entropy
+
+    torch.manual_seed(0)
+    base = randn(VOCAB, HIDDEN) * 1e-3
+    work = base.clone()
+    moved = 2 * base.numel() * base.element_size()  # one read, one write
+
+    def report(name: str, fn, **extra) -> dict:
+        work.copy_(base)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        extra_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+        ms = cuda_ms(fn)
+        result = {"case": name, **extra, "ms": round(ms, 4), "GB/s": round(moved / ms / 1e6),
+                  "extra_MiB": round(extra_mb)}  # fmt: skip
+        print(json.dumps(result), flush=True)
+        return result
+
+    for s in (1.0, 1 / 3):
+        scale = torch.full((), s, device="cuda")
+        want = (base.float() * s).to(base.dtype)
+        checks = {
+            "in_place_equals_fp32_product": torch.equal(
+                cross_entropy._rescale(base.clone(), scale, True), want
+            ),
+            "out_of_place_equals_fp32_product": torch.equal(cross_entropy._rescale(base, scale, False), want),
+            "old_equals_fp32_product": torch.equal(base * scale.to(base.dtype), want),
+        }
+        print(json.dumps({"s": s, **checks}), flush=True)
+
+        def old(scale=scale):
+            return work * scale.to(work.dtype)
+
+        def out_of_place(scale=scale):
+            return cross_entropy._rescale(work, scale, in_place=False)
+
+        report("old: t * s.to(bf16)", old, s=s)
+        report("kept graph: _rescale out of place", out_of_place, s=s)
+    saved = dict(cross_entropy.RESCALE_LAUNCH)
+    best = {}
+    try:
+        for block in (2048, 4096, 8192, 16384):
+            for warps in (4, 8, 16):
+                for programs_per_sm in (4, 8, 16, 32):
+                    launch = dict(block=block, warps=warps, programs_per_sm=programs_per_sm)
+                    cross_entropy.RESCALE_LAUNCH.update(launch)
+                    # s != 1 rescales the same tensor every call: 0.9999 keeps it finite
+                    for s in (1.0, 0.9999):
+                        scale = torch.full((), s, device="cuda")
+
+                        def in_place(scale=scale):
+                            return cross_entropy._rescale(work, scale, in_place=True)
+
+                        result = report("new: _rescale in place", in_place, s=s, **launch)
+                        if s not in best or result["ms"] < best[s]["ms"]:
+                            best[s] = result
+    finally:
+        cross_entropy.RESCALE_LAUNCH.update(saved)
+    for result in best.values():
+        print(json.dumps({"best": result}), flush=True)
+
+
 if __name__ == "__main__":
-    {"gemm": gemm, "ce": ce, "attn": attn, "adamw": adamw}[sys.argv[1] if len(sys.argv) > 1 else "gemm"]()
+    commands = {"gemm": gemm, "ce": ce, "attn": attn, "adamw": adamw, "rms": rms, "ce_scale": ce_scale}
+    commands[sys.argv[1] if len(sys.argv) > 1 else "gemm"]()

@@ -442,3 +442,266 @@ def test_linear_cross_entropy_backward_twice_over_a_kept_graph():
     linear_cross_entropy_reference(ref_h, ref_w, labels).backward()
     torch.testing.assert_close(hidden.grad, ref_h.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-5, rtol=1e-4)
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's grid and keywords, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def rms_block_cases(path, x, w, branch):
+    """(fast, reference) functions of the leaves for one use of the norm: alone, beside the
+    residual stream (x also reaches the loss directly) or after the residual add."""
+    eps = 1e-5
+    if path == "plain":
+        return (lambda x, w: rms_norm(x, w, eps)), (lambda x, w: rms_norm_reference(x, w, eps))
+    if path == "beside_residual":
+
+        def beside(norm_fn):
+            def fn(x, w):
+                residual, normed = norm_fn(x, w)
+                return residual * branch + normed
+
+            return fn
+
+        return beside(lambda x, w: rms_norm_beside_residual(x, w, eps)), beside(
+            lambda x, w: (x, rms_norm_reference(x, w, eps))
+        )
+
+    def after_add(add_norm_fn):
+        def fn(x, r, w):
+            h, y = add_norm_fn(x, r, w, eps)
+            return h * branch + y
+
+        return fn
+
+    return after_add(add_rms_norm), after_add(add_rms_norm_reference)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize(("n_rows", "hidden"), [(7, 48), (33, 48), (33, 2048), (1, 48)])
+@pytest.mark.parametrize("programs_per_sm", [1, 4])
+@pytest.mark.parametrize("path", ["plain", "beside_residual", "add"])
+def test_rms_norm_backward_in_row_tiles_matches_reference(
+    monkeypatch, rows, n_rows, hidden, programs_per_sm, path
+):
+    """The backward kernel walking ROWS rows a step (row counts that leave ragged last steps and
+    programs with fewer rows than others) gives the reference's dx and dw, also with the
+    residual gradient added in the kernel; the launch setting reaches the kernel."""
+    from ferrotune.kernels import rmsnorm
+
+    launch = dict(rows=rows, warps=8, programs_per_sm=programs_per_sm)
+    monkeypatch.setattr(rmsnorm, "RMS_BACKWARD_LAUNCH", launch)
+    spy = LaunchSpy(rmsnorm._rms_backward)
+    monkeypatch.setattr(rmsnorm, "_rms_backward", spy)
+    g = torch.Generator().manual_seed(21)
+    x, r, branch = (torch.randn(n_rows, hidden, generator=g).to(DEVICE) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE)
+    fast_fn, ref_fn = rms_block_cases(path, x, w, branch)
+    inputs = (x, r, w) if path == "add" else (x, w)
+    assert_close_all(grads_of(fast_fn, *inputs), grads_of(ref_fn, *inputs), atol=1e-5, rtol=1e-5)
+    ((grid, kwargs),) = spy.launches
+    assert kwargs["ROWS"] == rows and kwargs["HAS_RES"] == (path != "plain")
+    assert grid[0] <= programs_per_sm * rmsnorm._sm_count(x.device)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("path", ["plain", "add"])
+def test_rms_norm_backward_in_row_tiles_in_low_precision(monkeypatch, rows, path):
+    from ferrotune.kernels import rmsnorm
+
+    monkeypatch.setattr(rmsnorm, "RMS_BACKWARD_LAUNCH", dict(rows=rows, warps=8, programs_per_sm=1))
+    g = torch.Generator().manual_seed(22)
+    x, r, branch = (torch.randn(3, 11, 96, generator=g).to(DEVICE, LOW) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE, LOW)
+    fast_fn, ref_fn = rms_block_cases(path, x, w, branch)
+    inputs = (x, r, w) if path == "add" else (x, w)
+    assert_close_all(grads_of(fast_fn, *inputs), grads_of(ref_fn, *inputs), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("rows_per_program", "rows"), [(3, 2), (5, 4), (2, 4)])
+def test_rms_backward_kernel_keeps_to_its_programs_rows(rows_per_program, rows):
+    """Launched directly with a share of rows that is no whole number of ROWS steps, each program
+    stops at the end of its share: no row's dx is written twice, no row counted twice in dw."""
+    from ferrotune.kernels import rmsnorm
+
+    g = torch.Generator().manual_seed(23)
+    n_rows, hidden = 7, 48
+    x, dy = (torch.randn(n_rows, hidden, generator=g).to(DEVICE) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(DEVICE)
+    rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-5)
+    dx = torch.full_like(x, float("nan"))
+    programs = -(-n_rows // rows_per_program)
+    dw_partial = torch.empty(programs, hidden, device=DEVICE)
+    rmsnorm._rms_backward[(programs,)](
+        dy, x, w, rstd, dx, dx, dw_partial, dy.stride(0), x.stride(0), dx.stride(0), n_rows, hidden,
+        rows_per_program, BLOCK=64, ROWS=rows, HAS_RES=False,
+    )  # fmt: skip
+    leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+    (rms_norm_reference(*leaves, 1e-5) * dy).sum().backward()
+    torch.testing.assert_close(dx, leaves[0].grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw_partial.sum(0), leaves[1].grad, atol=1e-5, rtol=1e-5)
+
+
+AWKWARD_SCALES = [1.0, 0.5, 1 / 3, 1 / 12345]  # 1/3 and 1/12345 are not exact in bf16 or fp16
+
+
+def fp32_product(t: torch.Tensor, s: float) -> torch.Tensor:
+    """round(float32(t) * float32(s)) in t's dtype."""
+    return (t.float() * torch.tensor(s, dtype=torch.float32)).to(t.dtype)
+
+
+@pytest.mark.parametrize("s", AWKWARD_SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_rescale_is_the_fp32_product(monkeypatch, s, dtype, in_place, path):
+    """`_rescale` (the kernel, striding over more blocks than it has programs, and the reference)
+    gives round(float32(t) * s) exactly, in place or into a new tensor; the old product with the
+    scale rounded to t's dtype first does not, for scales that dtype cannot hold."""
+    from ferrotune.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "RESCALE_LAUNCH", dict(block=64, warps=1, programs_per_sm=1))
+    monkeypatch.setattr(cross_entropy, "_RESCALE_REFERENCE_CHUNK", 500)
+    if path == "reference":
+        monkeypatch.setattr(cross_entropy, "triton_runs_on", lambda t: False)
+    g = torch.Generator().manual_seed(31)
+    t = torch.randn(37, 45, generator=g).to(DEVICE, dtype)  # 1,665 elements: 27 blocks, ragged tail
+    want = fp32_product(t, s)
+    scale = torch.tensor(s, dtype=torch.float32, device=DEVICE)
+    work = t.clone()
+    out = cross_entropy._rescale(work, scale, in_place)
+    assert torch.equal(out, want)
+    assert (out.data_ptr() == work.data_ptr()) == in_place
+    if not in_place:
+        assert torch.equal(work, t)
+    # and within a unit in the last place (or the subnormal spacing) of the exact fp64 product
+    info = torch.finfo(dtype)
+    torch.testing.assert_close(
+        out.double(), t.double() * s, rtol=info.eps, atol=info.smallest_normal * info.eps
+    )
+    old = t * scale.to(dtype)
+    assert torch.equal(old, want) == (dtype == torch.float32 or s in (1.0, 0.5))
+
+
+@pytest.mark.parametrize("s", AWKWARD_SCALES)
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+def test_linear_cross_entropy_backward_scales_in_fp32(s, dtype):
+    """Under an upstream gradient s the head's and the hidden states' gradients are those of
+    upstream 1 times s in fp32, rounded once; the result stays within the fp64 reference's
+    tolerance."""
+    g = torch.Generator().manual_seed(32)
+    n, hidden, vocab = 19, 16, 70
+    h = torch.randn(n, hidden, generator=g).to(DEVICE, dtype)
+    w = (0.5 * torch.randn(vocab, hidden, generator=g)).to(DEVICE, dtype)
+    y = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
+    y[::5] = -100
+
+    def grads(upstream):
+        leaves = [t.clone().requires_grad_(True) for t in (h, w)]
+        (linear_cross_entropy(*leaves, y, chunk_size=8) * upstream).backward()
+        return [t.grad for t in leaves]
+
+    unit, scaled = grads(1.0), grads(s)
+    for one, got in zip(unit, scaled, strict=True):
+        assert torch.equal(got, fp32_product(one, s))
+    # the old backward (the scale rounded to the gradients' dtype first) differs for awkward scales
+    old = [one * torch.tensor(s).to(DEVICE, dtype) for one in unit]
+    old_agrees = all(torch.equal(a, b) for a, b in zip(old, scaled, strict=True))
+    assert old_agrees == (dtype == torch.float32 or s in (1.0, 0.5))
+    ref = [t.double().requires_grad_(True) for t in (h, w)]
+    (linear_cross_entropy_reference(*ref, y) * s).backward()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 logits on the GPU
+    for got, want in zip(scaled, ref, strict=True):
+        torch.testing.assert_close(got.double(), want.grad, atol=tol * s, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+def test_linear_cross_entropy_kept_graph_backward_with_two_scales_equals_two_graphs(dtype):
+    """Two backwards over one kept graph with upstream 1/3 then 0.7 accumulate what two separate
+    graphs give (the kept graph's gradients are scaled into new tensors, its own stay unscaled);
+    `autograd.grad` twice over a kept graph returns two distinct, each correctly scaled, tensors."""
+    g = torch.Generator().manual_seed(33)
+    h = torch.randn(14, 16, generator=g).to(DEVICE, dtype)
+    w = (0.5 * torch.randn(50, 16, generator=g)).to(DEVICE, dtype)
+    y = torch.randint(0, 50, (14,), generator=g).to(DEVICE)
+    s1, s2 = 1 / 3, 0.7
+
+    kept = [t.clone().requires_grad_(True) for t in (h, w)]
+    loss = linear_cross_entropy(*kept, y, chunk_size=8)
+    (loss * s1).backward(retain_graph=True)
+    (loss * s2).backward()
+    separate = [t.clone().requires_grad_(True) for t in (h, w)]
+    for s in (s1, s2):
+        (linear_cross_entropy(*separate, y, chunk_size=8) * s).backward()
+    for a, b in zip(kept, separate, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+
+    leaves = [t.clone().requires_grad_(True) for t in (h, w)]
+    loss = linear_cross_entropy(*leaves, y, chunk_size=8)
+    first = torch.autograd.grad(loss * s1, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss * s2, leaves, retain_graph=True)
+    unit = torch.autograd.grad(loss, leaves)
+    for a, b, one in zip(first, second, unit, strict=True):
+        assert torch.equal(a, fp32_product(one, s1)) and torch.equal(b, fp32_product(one, s2))
+
+
+def test_linear_cross_entropy_token_weights_under_an_awkward_upstream_gradient():
+    g = torch.Generator().manual_seed(34)
+    h = torch.randn(21, 16, generator=g).to(DEVICE)
+    w = (0.5 * torch.randn(60, 16, generator=g)).to(DEVICE)
+    y = torch.randint(0, 60, (21,), generator=g).to(DEVICE)
+    y[3] = -100
+    tw = torch.rand(21, generator=g).to(DEVICE)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (h, w)]
+        (fn(*leaves) / 12345).backward()
+        return [t.grad for t in leaves]
+
+    fast = grads(lambda h, w: linear_cross_entropy(h, w, y, chunk_size=8, token_weights=tw))
+    ref = grads(lambda h, w: linear_cross_entropy_reference(h, w, y, token_weights=tw))
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-4)
+
+
+def test_accumulate_grad_takes_the_returned_gradient_without_a_copy():
+    """A leaf's `.grad` after one backward over a freed graph is the very tensor the loss's
+    backward scaled in place (AccumulateGrad steals it: nothing else holds it once the graph
+    frees its saved tensors), for a bare weight and for a model's LM head; over a kept graph
+    the returned gradient is a new tensor and the stored one stays put."""
+    from ferrotune.models.llama import CausalLM, LlamaConfig
+
+    g = torch.Generator().manual_seed(35)
+    h = torch.randn(10, 16, generator=g).to(DEVICE).requires_grad_(True)
+    w = torch.randn(30, 16, generator=g).to(DEVICE).requires_grad_(True)
+    y = torch.randint(0, 30, (10,), generator=g).to(DEVICE)
+    for retain in (False, True):
+        h.grad = w.grad = None
+        loss = linear_cross_entropy(h, w, y)
+        stored = [t.data_ptr() for t in loss.grad_fn.saved_tensors]  # (dL/dh, dL/dW) for upstream 1
+        (loss / 3).backward(retain_graph=retain)
+        assert (
+            [h.grad.data_ptr(), w.grad.data_ptr()] != stored
+            if retain
+            else [h.grad.data_ptr(), w.grad.data_ptr()] == stored
+        )
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=61)  # fmt: skip
+    torch.manual_seed(0)
+    model = CausalLM(config).to(DEVICE)
+    ids = torch.randint(0, 61, (2, 9), device=DEVICE)
+    loss = model(ids, labels=torch.roll(ids, -1, 1))
+    stored_head_grad = loss.grad_fn.saved_tensors[1].data_ptr()
+    (loss / 18).backward()
+    assert model.lm_head.weight.grad.data_ptr() == stored_head_grad

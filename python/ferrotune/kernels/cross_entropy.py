@@ -15,7 +15,10 @@ With per-token weights w (multi-task loss weights; w = 1 gives the plain loss ab
     dL/dlogits_i = w_i (softmax(h_i W^T) - onehot(y_i)) / Z
 
 The forward pass walks the tokens in chunks, computing each chunk's logits, its loss and both
-gradients at once; backward only scales the stored gradients by the incoming gradient.
+gradients at once; backward only scales the stored gradients by the incoming gradient g, in fp32
+(`_rescale`: dW = round(float32(dW) * g)) and in place unless the graph is kept for another
+backward, doing nothing when g == 1: a loss that already carries its normaliser (`normalizer=N`,
+then `loss.backward()`) costs no pass over dW in backward.
 
 Per chunk, the step logits -> (row losses, dL/dlogits) is one Triton kernel on the GPU: each
 program streams its row twice in the logits' own dtype (an online max / sum-exp pass for
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ferrotune.kernels._dispatch import HAVE_TRITON, triton_runs_on
+from ferrotune.kernels.rmsnorm import _sm_count
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 1 << 30  # logits per chunk
@@ -82,6 +86,26 @@ if HAVE_TRITON:
                 grad = (tl.exp(x - lse) - tl.where(offsets == safe_label, 1.0, 0.0)) * scale
                 tl.store(base + offsets, grad.to(LOGITS.dtype.element_ty), mask=in_row)
 
+    @triton.jit
+    def _scale_blocks(T, OUT, s, n, n_blocks, BLOCK: tl.constexpr):
+        """out = round(float32(t) * s) over the blocks this program strides over."""
+        for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            offsets = tl.cast(b, tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: n may pass 2^31
+            in_t = offsets < n
+            x = tl.load(T + offsets, mask=in_t)
+            tl.store(OUT + offsets, (x.to(tl.float32) * s).to(OUT.dtype.element_ty), mask=in_t)
+
+    @triton.jit
+    def _rescale_kernel(T, OUT, S, n, n_blocks, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr):
+        """out = round(float32(t) * s) for the flat (n,) tensor t, s read from the device; in
+        place (OUT is T) with s == 1 the program returns at once, reading and writing nothing."""
+        s = tl.load(S)
+        if IN_PLACE:
+            if s != 1.0:
+                _scale_blocks(T, T, s, n, n_blocks, BLOCK)
+        else:
+            _scale_blocks(T, OUT, s, n, n_blocks, BLOCK)
+
 
 def _rows_loss_and_grad_reference(
     logits: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor, want_grad: bool
@@ -117,6 +141,46 @@ def _rows_loss_and_grad_fast(
             WRITE_GRAD=want_grad, BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )  # fmt: skip
     return loss, (logits if want_grad else None)
+
+
+# `_rescale` launch: BLOCK elements a step, `warps` warps, at most `programs_per_sm` programs per SM
+# (each striding over the blocks), so that a skipped rescale (s == 1) is one short wave.
+RESCALE_LAUNCH = dict(block=8192, warps=8, programs_per_sm=4)
+_RESCALE_REFERENCE_CHUNK = 1 << 24  # elements per fp32 temporary in the reference (64 MiB)
+
+
+def _rescale(t: torch.Tensor, s: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """round(float32(t) * s) (fp64 tensors: in fp64), into t itself or a new tensor; s is a device
+    fp32 scalar, never read by the host. In place, the Triton kernel does nothing when s == 1."""
+    out = t if in_place else torch.empty_like(t)
+    fast = t.dtype in (torch.bfloat16, torch.float16, torch.float32) and t.is_contiguous()
+    if fast and out.is_contiguous() and triton_runs_on(t):
+        n = t.numel()
+        if n:
+            block = RESCALE_LAUNCH["block"]
+            n_blocks = triton.cdiv(n, block)
+            programs = min(n_blocks, RESCALE_LAUNCH["programs_per_sm"] * _sm_count(t.device))
+            _rescale_kernel[(programs,)](
+                t, out, s, n, n_blocks, IN_PLACE=in_place, BLOCK=block, num_warps=RESCALE_LAUNCH["warps"]
+            )
+    else:
+        _rescale_reference(t, s, out)
+    return out
+
+
+def _rescale_reference(t: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> None:
+    """Plain PyTorch: out = round(float32(t) * s) (out may be t), in slices of flat views to
+    bound the fp32 temporary."""
+    if t.dtype == torch.float64:
+        torch.mul(t, s.double(), out=out)
+        return
+    if not (t.is_contiguous() and out.is_contiguous()):
+        out.copy_(t.float() * s)
+        return
+    flat_t, flat_out = t.view(-1), out.view(-1)
+    for start in range(0, flat_t.numel(), _RESCALE_REFERENCE_CHUNK):
+        end = start + _RESCALE_REFERENCE_CHUNK
+        flat_out[start:end].copy_(flat_t[start:end].float() * s)
 
 
 def linear_cross_entropy_reference(
@@ -192,15 +256,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # The gradients were computed in forward for an upstream gradient of 1; scaling them on the
-        # device by whatever came (1 for a loss differentiated as it is) costs a pass over them
-        # (about 0.3 ms for a 128k x 2048 head), where asking the host whether it is 1 would
-        # stall it until the forward finished, leaving the GPU idle while backward is launched.
-        # Out of place: a graph kept for a second backward still holds the unscaled gradients.
-        scale = grad_out.reshape(())
-        grad_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
-        grad_weight = grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None
+        # The gradients were computed in forward for an upstream gradient of 1; they are scaled
+        # here by the one that came, in fp32, read on the device: asking the host whether it is
+        # 1 would stall it until the forward finished, leaving the GPU idle while backward is
+        # launched. Used once (the graph is freed after this backward, the usual case), the
+        # stored gradients are scaled in place and returned, and the kernel skips the pass when
+        # the upstream gradient is 1 (`loss.backward()`); a graph kept for another backward
+        # (`retain_graph`, `create_graph`) keeps them unscaled, and new tensors are returned.
+        scale = grad_out.reshape(()).float()
+        in_place = not _graph_is_kept()
+        grad_hidden = _rescale(grad_hidden, scale, in_place) if grad_hidden is not None else None
+        grad_weight = _rescale(grad_weight, scale, in_place) if grad_weight is not None else None
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (saved tensors) for another backward; True
+    outside a backward and where torch cannot tell (as torch's own AOTAutograd asks before it
+    reuses saved tensors' memory)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else keep_graph()
 
 
 def linear_cross_entropy(

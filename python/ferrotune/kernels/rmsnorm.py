@@ -7,8 +7,10 @@ Backward, with x_hat = x * r, r = 1 / sqrt(mean(x^2) + eps), g = dy * w (fp32):
     dx = r * (g - x_hat * mean(g * x_hat))
     dw = sum_rows(dy * cast(x_hat))
 
-The Triton kernel runs one program per row (the whole hidden size in one block) and keeps r for
-the backward pass; the reference is the plain PyTorch expression above.
+The Triton forward kernel runs one program per row (the whole hidden size in one block) and keeps
+r for the backward pass; the backward kernel runs a few programs per SM, each walking a share of
+the rows a (ROWS, hidden) tile at a time and summing its share of dw. The reference is the plain
+PyTorch expression above.
 """
 
 from __future__ import annotations
@@ -68,29 +70,34 @@ if HAVE_TRITON:
         n_cols,
         rows_per_program,
         BLOCK: tl.constexpr,
+        ROWS: tl.constexpr,
         HAS_RES: tl.constexpr,
     ):
+        """Program p takes rows [p * rows_per_program, (p + 1) * rows_per_program), ROWS rows a
+        step as one (ROWS, BLOCK) tile, writes their dx and its (n_cols,) fp32 share of dw."""
         pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        cols = tl.arange(0, BLOCK)  # (BLOCK,)
+        col_in = cols < n_cols
+        w = tl.load(W + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK)
+        dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         start = pid * rows_per_program
-        for i in range(0, rows_per_program):
-            row = start + i
-            if row < n_rows:
-                x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(RSTD + row)
-                x_hat = x * rstd
-                g = dy * w
-                dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
-                if HAS_RES:  # the gradient reaching x by its other path (x also feeds a residual add)
-                    dx += tl.load(DRES + row * stride_dx + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-                x_hat_cast = x_hat.to(W.dtype.element_ty).to(tl.float32)
-                dw += dy * x_hat_cast
-        tl.store(DW_PARTIAL + pid * n_cols + cols, dw, mask=mask)
+        end = tl.minimum(start + rows_per_program, n_rows)
+        for first in range(start, end, ROWS):
+            rows = first + tl.arange(0, ROWS)  # (ROWS,)
+            row_in = rows < end
+            mask = row_in[:, None] & col_in[None, :]  # (ROWS, BLOCK)
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_in, other=0.0)[:, None]  # (ROWS, 1)
+            x_hat = x * rstd
+            g = dy * w
+            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
+            dx_offsets = rows[:, None] * stride_dx + cols[None, :]
+            if HAS_RES:  # the gradient reaching x by its other path (x also feeds a residual add)
+                dx += tl.load(DRES + dx_offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + dx_offsets, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += dy * x_hat.to(W.dtype.element_ty).to(tl.float32)  # masked lanes add 0 * 0
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw, axis=0), mask=col_in)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,25 +148,38 @@ class _RMSNormBesideResidual(torch.autograd.Function):
         return dx.view(ctx.shape), dw, None
 
 
+# How `_rms_backward` is launched: `programs_per_sm` programs per SM (at most one per `rows` rows),
+# each walking its share of the rows `rows` at a time with `warps` warps (4 below a 2,048-wide
+# block; 8 were 5% faster than 4 at hidden 2,048 on the H200). `python bench/parts_gpu.py rms`
+# times the alternatives on the GPU.
+RMS_BACKWARD_LAUNCH = dict(rows=1, warps=8, programs_per_sm=4)
+
+
 def _rms_norm_backward(
     x2: torch.Tensor,  # (N, H), the normalised input
     weight: torch.Tensor,  # (H,)
     rstd: torch.Tensor,  # (N,) fp32
     dy: torch.Tensor,  # (..., H)
     dres: torch.Tensor | None,  # (..., H): x's gradient by its other path, added into dx
+    launch: dict[str, int] | None = None,  # RMS_BACKWARD_LAUNCH when None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx (N, H), dw (H,)): the kernel's per-program dw shares summed here."""
+    launch = RMS_BACKWARD_LAUNCH if launch is None else launch
+    rows = launch["rows"]
     n_rows, n_cols = x2.shape
     dy2 = dy.reshape(-1, n_cols).contiguous()
     dx = torch.empty_like(x2)
     dres2 = dres.reshape(-1, n_cols).to(x2.dtype).contiguous() if dres is not None else dx
-    programs = min(n_rows, 4 * _sm_count(x2.device)) or 1
-    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = min(triton.cdiv(n_rows, rows), launch["programs_per_sm"] * _sm_count(x2.device)) or 1
+    # a whole number of `rows`-row steps per program, so only the last program has a ragged step
+    rows_per_program = max(rows, triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows)
+    programs = triton.cdiv(n_rows, rows_per_program) or 1
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2.device)
     block = triton.next_power_of_2(n_cols)
     _rms_backward[(programs,)](
         dy2, x2, weight, rstd, dx, dres2, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
-        n_rows, n_cols, rows_per_program, BLOCK=block, HAS_RES=dres is not None,
-        num_warps=8 if block >= 2048 else 4,  # 8: 5% faster than 4 at hidden 2,048 on the H200
+        n_rows, n_cols, rows_per_program, BLOCK=block, ROWS=rows, HAS_RES=dres is not None,
+        num_warps=launch["warps"] if block >= 2048 else 4,
     )  # fmt: skip
     return dx, dw_partial.sum(0).to(weight.dtype)
 
