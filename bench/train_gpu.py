@@ -33,7 +33,7 @@ OUT = os.environ.get("OUT", "/tmp")
 
 
 # Experiments: BENCH_SDPA=flash|efficient|cudnn pins SDPA's backend; BENCH_CE_CHUNK=tokens per
-# cross-entropy chunk (default: 1 GiB of logits).
+# cross-entropy chunk (default: 1 GiB of logits); BENCH_STEPS=timed steps per case.
 CE_CHUNK = int(os.environ["BENCH_CE_CHUNK"]) if os.environ.get("BENCH_CE_CHUNK") else None
 
 
@@ -138,6 +138,7 @@ def train_case(
 ):  # fmt: skip
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    steps = int(os.environ.get("BENCH_STEPS", steps))  # more timed steps, to see their spread
     t0 = time.time()
     model = build(shape, mode)
     inner = model.model if hasattr(model, "model") and isinstance(model.model, CausalLM) else model
@@ -194,6 +195,7 @@ def train_case(
         if i >= warm:
             times.append(time.perf_counter() - start)
             useful += sum(batches[i]) if varlen else bsz * seq  # real tokens, as the peer counts them
+    in_order = [round(t, 4) for t in times]
     times.sort()
     med = times[len(times) // 2]
     emit(dict(case=name, impl="ferrotune", mode=mode, bsz=bsz, seq=seq, grad_ckpt=gc_on, liger=False, varlen=varlen,
@@ -203,7 +205,7 @@ def train_case(
               setup_s=round(setup_s, 1), loss=loss.item(), compiled=compile_blocks, checkpointed_layers=checkpointed,
               fused_lora=fused and mode != "full" and not compile_blocks, activation_offload=offload,
               offloaded_gib_per_step=round(offloaded_gib(inner), 2),
-              sdpa=os.environ.get("BENCH_SDPA", "auto"), ce_chunk=CE_CHUNK))  # fmt: skip
+              sdpa=os.environ.get("BENCH_SDPA", "auto"), ce_chunk=CE_CHUNK, step_s_all=in_order))  # fmt: skip
     kernels.set_enabled(True)
     set_fused_lora("auto")
     del model, opt, params, loss
