@@ -112,6 +112,25 @@ def attn() -> None:
         with sdpa_kernel(backend):
             ms = cuda_ms(sdpa_step, iters=10)
         print(json.dumps({"attention": name, "fwd_bwd_ms": round(ms, 3)}))
+
+    # The model's layout: token-major (B, T, heads, D) storage seen as (B, heads, T, D), as q and k
+    # leave the RoPE kernel, v the projection and dO the output projection's backward.
+    def token_major(*shape: int) -> torch.Tensor:
+        b, h, t, d = shape
+        return randn(b, t, h, d).transpose(1, 2)
+
+    tq = token_major(8, 32, 2048, 64).requires_grad_()
+    tk, tv = token_major(8, 8, 2048, 64).requires_grad_(), token_major(8, 8, 2048, 64).requires_grad_()
+    tdo = token_major(8, 32, 2048, 64)
+
+    def token_major_step() -> None:
+        out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(out, (tq, tk, tv), tdo)
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        for _ in range(2):  # the two layouts in turn, so clock changes show as noise, not as a gap
+            for name, fn in (("cudnn token-major", token_major_step), ("cudnn head-major", sdpa_step)):
+                print(json.dumps({"attention": name, "fwd_bwd_ms": round(cuda_ms(fn, iters=10), 3)}))
     flex = torch.compile(flex_attention)
     mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 2048, 2048)
     ms = cuda_ms(

@@ -5,6 +5,7 @@ CUDA events. Prints one JSON line per profiled case and the top kernels as a tab
 
     python bench/profile_gpu.py full1b                # ferrotune
     python bench/profile_gpu.py full1b --peer-liger   # HF transformers + Liger, same shape
+    python bench/profile_gpu.py full1b --who Memcpy   # also: which CPU ops launched those kernels
 """
 
 from __future__ import annotations
@@ -102,7 +103,26 @@ def peer_step(case: str):
     return step, bsz * seq
 
 
-def profile(case: str, peer: bool, steps: int) -> None:
+def print_launchers(events, pattern: str) -> None:
+    """The CPU op chains (innermost first) that launched kernels whose name matches `pattern`,
+    with how many kernels each launched and their GPU time."""
+    chains: dict[str, list[float]] = {}
+    for evt in events:
+        if evt.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        for kernel in evt.kernels:
+            if re.search(pattern, kernel.name):
+                chain, parent = [evt.name], evt.cpu_parent
+                while parent is not None and len(chain) < 6:
+                    chain.append(parent.name)
+                    parent = parent.cpu_parent
+                chains.setdefault(" < ".join(chain), []).append(kernel.duration / 1e3)
+    print(f"--- launchers of kernels matching {pattern!r} (ms, kernels, CPU op chain)")
+    for chain, times in sorted(chains.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{sum(times):9.3f} {len(times):5d}  {chain[:200]}")
+
+
+def profile(case: str, peer: bool, steps: int, who: str | None = None) -> None:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     step, tokens = (peer_step if peer else ferrotune_step)(case)
@@ -119,9 +139,14 @@ def profile(case: str, peer: bool, steps: int) -> None:
         split["optimizer"].append(events[2].elapsed_time(events[3]))
         split["total"].append(events[0].elapsed_time(events[3]))
     median = {k: round(sorted(v)[len(v) // 2], 2) for k, v in split.items()}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if who:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    with torch.profiler.profile(activities=activities) as prof:
         step(events)
         torch.cuda.synchronize()
+    if who:
+        print_launchers(prof.events(), who)
     kernels: dict[str, list[float]] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
@@ -148,8 +173,9 @@ if __name__ == "__main__":
     parser.add_argument("cases", default="full1b")
     parser.add_argument("--peer-liger", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--who", help="regex: print the CPU ops that launched the matching kernels")
     args = parser.parse_args()
     for case in args.cases.split(","):
         start = time.time()
-        profile(case, args.peer_liger, args.steps)
+        profile(case, args.peer_liger, args.steps, args.who)
         print(f"({case}: {time.time() - start:.0f} s)", flush=True)
