@@ -244,7 +244,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = grad.to(h.dtype)  # no-op unless autocast made the logits bf16 for fp32 hidden states
             if want_dh:
-                grad_hidden[start : start + chunk_size] = grad @ weight
+                rows = grad_hidden[start : start + chunk_size]  # (C, H)
+                if grad.dtype == weight.dtype == rows.dtype:
+                    torch.mm(grad, weight, out=rows)  # written in place, no copy
+                else:  # autocast: bf16 logits against an fp32 head
+                    rows.copy_(grad @ weight)
             if want_dw:
                 if grad_weight is None:
                     grad_weight = (grad.t() @ h).to(weight.dtype)  # (V, H)
