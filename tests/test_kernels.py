@@ -181,33 +181,30 @@ def test_linear_cross_entropy_frozen_head_gives_no_weight_grad():
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (LOW, 3e-2)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_swiglu_linear_recomputes_the_product_and_matches_reference(dtype, tol, bias):
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_swiglu_linear_recomputes_the_product_and_matches_reference(dtype, tol, bias, with_residual):
     g = torch.Generator().manual_seed(5)
     gate = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
     up = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
     w = (0.1 * torch.randn(40, 96, generator=g)).to(DEVICE, dtype)
     b = torch.randn(40, generator=g).to(DEVICE, dtype) if bias else None
-    inputs = (gate, up, w) if b is None else (gate, up, w, b)
-    fast = grads_of(swiglu_linear, *inputs)
-    ref = grads_of(swiglu_linear_reference, *inputs)
-    assert_close_all(fast, ref, atol=tol, rtol=tol)
+    residual = torch.randn(2, 3, 40, generator=g).to(DEVICE, dtype)  # added inside the GEMM when given
+    inputs = (gate, up, w, *([b] if bias else []), *([residual] if with_residual else []))
 
+    def taking(fn):  # (gate, up, w[, b][, residual]) -> fn(gate, up, w, b or None, residual or None)
+        def run(gate, up, w, *rest):
+            bias_in = rest[0] if bias else None
+            residual_in = rest[-1] if with_residual else None
+            return fn(gate, up, w, bias_in, residual_in)
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (LOW, 3e-2)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_swiglu_linear_adds_the_residual_as_the_reference_does(dtype, tol, bias):
-    g = torch.Generator().manual_seed(14)
-    gate = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
-    up = torch.randn(2, 3, 96, generator=g).to(DEVICE, dtype)
-    w = (0.1 * torch.randn(40, 96, generator=g)).to(DEVICE, dtype)
-    b = torch.randn(40, generator=g).to(DEVICE, dtype) if bias else None
-    residual = torch.randn(2, 3, 40, generator=g).to(DEVICE, dtype)
-    fast = grads_of(lambda g_, u, w, r: swiglu_linear(g_, u, w, b, r), gate, up, w, residual)
-    ref = grads_of(lambda g_, u, w, r: swiglu_linear_reference(g_, u, w, b, r), gate, up, w, residual)
+        return run
+
+    fast_fn, ref_fn = taking(swiglu_linear), taking(swiglu_linear_reference)
+    fast, ref = grads_of(fast_fn, *inputs), grads_of(ref_fn, *inputs)
     assert_close_all(fast, ref, atol=tol, rtol=tol)
-    # the residual's gradient is the output's, whole
-    upstream = torch.randn(fast[0].shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
-    torch.testing.assert_close(fast[1][3], upstream)
+    if with_residual:  # the residual's gradient is the output's, whole
+        upstream = torch.randn(fast[0].shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype)
+        torch.testing.assert_close(fast[1][-1], upstream)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bf16 is a CUDA feature")
