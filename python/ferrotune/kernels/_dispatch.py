@@ -46,3 +46,11 @@ def cpu_interpreter() -> Iterator[None]:
 def triton_runs_on(tensor: torch.Tensor) -> bool:
     """Whether the Triton path serves `tensor`."""
     return _enabled and HAVE_TRITON and (tensor.is_cuda or (_cpu_interpreter and tensor.device.type == "cpu"))
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, for sizing persistent grids (4 elsewhere: the
+    interpreter runs programs one by one anyway)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

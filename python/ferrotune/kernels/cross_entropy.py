@@ -32,8 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ferrotune.kernels._dispatch import HAVE_TRITON, triton_runs_on
-from ferrotune.kernels.rmsnorm import _sm_count
+from ferrotune.kernels._dispatch import HAVE_TRITON, sm_count, triton_runs_on
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 1 << 30  # logits per chunk
@@ -161,7 +160,7 @@ def _rescale(t: torch.Tensor, s: torch.Tensor, in_place: bool) -> torch.Tensor:
         if n:
             block = RESCALE_LAUNCH["block"]
             n_blocks = triton.cdiv(n, block)
-            programs = min(n_blocks, RESCALE_LAUNCH["programs_per_sm"] * _sm_count(t.device))
+            programs = min(n_blocks, RESCALE_LAUNCH["programs_per_sm"] * sm_count(t.device))
             _rescale_kernel[(programs,)](
                 t, out, s, n, n_blocks, IN_PLACE=in_place, BLOCK=block, num_warps=RESCALE_LAUNCH["warps"]
             )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ferrotune.kernels._dispatch import HAVE_TRITON, triton_runs_on
+from ferrotune.kernels._dispatch import HAVE_TRITON, sm_count, triton_runs_on
 
 if HAVE_TRITON:
     import triton
@@ -172,7 +172,7 @@ def _rms_norm_backward(
     dy2 = dy.reshape(-1, n_cols).contiguous()
     dx = torch.empty_like(x2)
     dres2 = dres.reshape(-1, n_cols).to(x2.dtype).contiguous() if dres is not None else dx
-    programs = min(triton.cdiv(n_rows, rows), launch["programs_per_sm"] * _sm_count(x2.device)) or 1
+    programs = min(triton.cdiv(n_rows, rows), launch["programs_per_sm"] * sm_count(x2.device)) or 1
     # a whole number of `rows`-row steps per program, so only the last program has a ragged step
     rows_per_program = max(rows, triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows)
     programs = triton.cdiv(n_rows, rows_per_program) or 1
@@ -239,12 +239,6 @@ def add_rms_norm(
     if triton_runs_on(x) and x.shape == r.shape:
         return _AddRMSNorm.apply(x, r, weight, eps)
     return add_rms_norm_reference(x, r, weight, eps)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
