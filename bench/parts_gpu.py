@@ -180,29 +180,31 @@ def rms() -> None:
     leaves = [x.clone().requires_grad_(True), w.float().requires_grad_(True)]
     (rmsnorm.rms_norm_reference(*leaves, eps) * dy.float()).sum().backward()
     ref_dx, ref_dw = leaves[0].grad.float(), leaves[1].grad
+    launches = [dict(rows=rows, warps=warps, programs_per_sm=pps, stages=1)
+                for rows in (1, 2, 4) for warps in (4, 8, 16) for pps in (1, 2, 4, 8)]  # fmt: skip
+    # the loop software-pipelined (the next rows loaded while this one is computed)
+    launches += [dict(rows=rows, warps=8, programs_per_sm=pps, stages=stages)
+                 for rows in (1, 2) for pps in (2, 4, 8) for stages in (2, 3)]  # fmt: skip
     for res in (False, True):
         results = []
-        for rows in (1, 2, 4):
-            for warps in (4, 8, 16):
-                for programs_per_sm in (1, 2, 4, 8):
-                    launch = dict(rows=rows, warps=warps, programs_per_sm=programs_per_sm)
-                    shape = {"res": res, **launch}
+        for launch in launches:
+            shape = {"res": res, **launch}
 
-                    def run(launch=launch, res=res):
-                        return rmsnorm._rms_norm_backward(x, w, rstd, dy, dres if res else None, launch)
+            def run(launch=launch, res=res):
+                return rmsnorm._rms_norm_backward(x, w, rstd, dy, dres if res else None, launch)
 
-                    dx, dw = run()
-                    want_dx = ref_dx + dres.float() if res else ref_dx
-                    try:
-                        torch.testing.assert_close(dx.float(), want_dx, atol=2e-2, rtol=2e-2)
-                        torch.testing.assert_close(dw.float(), ref_dw, atol=1e-2, rtol=1e-2)
-                    except AssertionError as error:
-                        print(json.dumps({**shape, "error": str(error).splitlines()[0]}), flush=True)
-                        continue
-                    ms = cuda_ms(run)
-                    moved = (4 if res else 3) * x.numel() * x.element_size()  # dy, x, (dres,) dx
-                    results.append({**shape, "ms": round(ms, 4), "GB/s": round(moved / ms / 1e6)})
-                    print(json.dumps(results[-1]), flush=True)
+            dx, dw = run()
+            want_dx = ref_dx + dres.float() if res else ref_dx
+            try:
+                torch.testing.assert_close(dx.float(), want_dx, atol=2e-2, rtol=2e-2)
+                torch.testing.assert_close(dw.float(), ref_dw, atol=1e-2, rtol=1e-2)
+            except AssertionError as error:
+                print(json.dumps({**shape, "error": str(error).splitlines()[0]}), flush=True)
+                continue
+            ms = cuda_ms(run)
+            moved = (4 if res else 3) * x.numel() * x.element_size()  # dy, x, (dres,) dx
+            results.append({**shape, "ms": round(ms, 4), "GB/s": round(moved / ms / 1e6)})
+            print(json.dumps(results[-1]), flush=True)
         if results:
             print(json.dumps({"best": min(results, key=lambda r: r["ms"])}), flush=True)
 

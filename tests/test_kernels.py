@@ -541,7 +541,7 @@ def test_rms_backward_kernel_keeps_to_its_programs_rows(rows_per_program, rows):
     dw_partial = torch.empty(programs, hidden, device=DEVICE)
     rmsnorm._rms_backward[(programs,)](
         dy, x, w, rstd, dx, dx, dw_partial, dy.stride(0), x.stride(0), dx.stride(0), n_rows, hidden,
-        rows_per_program, BLOCK=64, ROWS=rows, HAS_RES=False,
+        rows_per_program, BLOCK=64, ROWS=rows, HAS_RES=False, STAGES=2,
     )  # fmt: skip
     leaves = [t.clone().requires_grad_(True) for t in (x, w)]
     (rms_norm_reference(*leaves, 1e-5) * dy).sum().backward()

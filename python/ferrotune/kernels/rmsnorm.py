@@ -72,9 +72,11 @@ if HAVE_TRITON:
         BLOCK: tl.constexpr,
         ROWS: tl.constexpr,
         HAS_RES: tl.constexpr,
+        STAGES: tl.constexpr,
     ):
         """Program p takes rows [p * rows_per_program, (p + 1) * rows_per_program), ROWS rows a
-        step as one (ROWS, BLOCK) tile, writes their dx and its (n_cols,) fp32 share of dw."""
+        step as one (ROWS, BLOCK) tile, writes their dx and its (n_cols,) fp32 share of dw. With
+        STAGES > 1 Triton may load the next steps' rows while this one is computed."""
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)  # (BLOCK,)
         col_in = cols < n_cols
@@ -82,7 +84,7 @@ if HAVE_TRITON:
         dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         start = pid * rows_per_program
         end = tl.minimum(start + rows_per_program, n_rows)
-        for first in range(start, end, ROWS):
+        for first in tl.range(start, end, ROWS, num_stages=STAGES):
             rows = first + tl.arange(0, ROWS)  # (ROWS,)
             row_in = rows < end
             mask = row_in[:, None] & col_in[None, :]  # (ROWS, BLOCK)
@@ -154,7 +156,7 @@ class _RMSNormBesideResidual(torch.autograd.Function):
 # with the residual's gradient added (32 of a Llama block stack's 33 norm backwards), 1 row, 8 warps
 # and 8 programs per SM took 0.093 ms on the H200, against 0.097 for 4 programs per SM and 0.10-0.12
 # for 2- and 4-row steps.
-RMS_BACKWARD_LAUNCH = dict(rows=1, warps=8, programs_per_sm=8)
+RMS_BACKWARD_LAUNCH = dict(rows=1, warps=8, programs_per_sm=8, stages=1)
 
 
 def _rms_norm_backward(
@@ -181,7 +183,7 @@ def _rms_norm_backward(
     _rms_backward[(programs,)](
         dy2, x2, weight, rstd, dx, dres2, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
         n_rows, n_cols, rows_per_program, BLOCK=block, ROWS=rows, HAS_RES=dres is not None,
-        num_warps=launch["warps"] if block >= 2048 else 4,
+        STAGES=launch.get("stages", 1), num_warps=launch["warps"] if block >= 2048 else 4,
     )  # fmt: skip
     return dx, dw_partial.sum(0).to(weight.dtype)
 
