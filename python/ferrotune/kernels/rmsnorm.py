@@ -152,11 +152,11 @@ class _RMSNormBesideResidual(torch.autograd.Function):
 
 # How `_rms_backward` is launched: `programs_per_sm` programs per SM (at most one per `rows` rows),
 # each walking its share of the rows `rows` at a time with `warps` warps (4 below a 2,048-wide
-# block). `python bench/parts_gpu.py rms` times the alternatives on the GPU: at (16384, 2048) bf16
-# with the residual's gradient added (32 of a Llama block stack's 33 norm backwards), 1 row, 8 warps
-# and 8 programs per SM took 0.093 ms on the H200, against 0.097 for 4 programs per SM and 0.10-0.12
-# for 2- and 4-row steps.
-RMS_BACKWARD_LAUNCH = dict(rows=1, warps=8, programs_per_sm=8, stages=1)
+# block), its loop software-pipelined over `stages` steps. `python bench/parts_gpu.py rms` times the
+# alternatives on the GPU: at (16384, 2048) bf16 with the residual's gradient added (32 of a Llama
+# block stack's 33 norm backwards), 1 row, 8 warps and 8 programs per SM took 0.086 ms pipelined
+# over 2 stages, 0.089 over 3 and 0.095 unpipelined (H200, one run); 2- and 4-row tiles were no faster.
+RMS_BACKWARD_LAUNCH = dict(rows=1, warps=8, programs_per_sm=8, stages=2)
 
 
 def _rms_norm_backward(
