@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from ferrotune.kernels.swiglu import _swiglu_backward, _swiglu_forward
+from parts_gpu import cuda_ms
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 M, H, INTER = 16384, 2048, 8192
@@ -79,6 +80,28 @@ def gate_up_kernel(
 
 
 @triton.jit
+def _dh_tile(dy_d, wd_d, om, on, k_tiles, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One (BM, BN) tile of dh = dY Wd, fp32."""
+    acc = tl.zeros((BM, BN), tl.float32)
+    for ki in range(k_tiles):
+        acc = tl.dot(dy_d.load([om, ki * BK]), wd_d.load([ki * BK, on]), acc)
+    return acc
+
+
+@triton.jit
+def _swiglu_backward_tile(acc, g_raw, u_raw):
+    """(dg, du, h) in bf16 from the dh tile (rounded to bf16 first, as the unfused path stores
+    it) and the stored g, u tiles: the formulas of `ferrotune.kernels.swiglu`."""
+    dh = acc.to(tl.bfloat16).to(tl.float32)
+    g = g_raw.to(tl.float32)
+    u = u_raw.to(tl.float32)
+    s = tl.sigmoid(g)
+    silu = g * s
+    dg = (dh * u * s * (1.0 + g * (1.0 - s))).to(tl.bfloat16)
+    return dg, (dh * silu).to(tl.bfloat16), silu.to(tl.bfloat16) * u_raw
+
+
+@triton.jit
 def dh_kernel(
     dy_d,
     wd_d,
@@ -105,19 +128,12 @@ def dh_kernel(
         pid_m, pid_n = _pid(tile, num_pid_m, num_pid_n, GROUP_M)
         om = pid_m * BM
         on = pid_n * BN
-        acc = tl.zeros((BM, BN), tl.float32)
-        for ki in range(k_tiles):
-            acc = tl.dot(dy_d.load([om, ki * BK]), wd_d.load([ki * BK, on]), acc)
+        acc = _dh_tile(dy_d, wd_d, om, on, k_tiles, BM, BN, BK)
         if EPI:
-            dh = acc.to(tl.bfloat16).to(tl.float32)
-            g = g_d.load([om, on]).to(tl.float32)
-            u_raw = u_d.load([om, on])
-            u = u_raw.to(tl.float32)
-            s = tl.sigmoid(g)
-            silu = g * s
-            du_d.store([om, on], (dh * silu).to(tl.bfloat16))
-            dg_d.store([om, on], (dh * u * s * (1.0 + g * (1.0 - s))).to(tl.bfloat16))
-            h_d.store([om, on], silu.to(tl.bfloat16) * u_raw)
+            dg, du, h = _swiglu_backward_tile(acc, g_d.load([om, on]), u_d.load([om, on]))
+            dg_d.store([om, on], dg)
+            du_d.store([om, on], du)
+            h_d.store([om, on], h)
         else:
             h_d.store([om, on], acc.to(tl.bfloat16))
 
@@ -155,20 +171,14 @@ def dh_kernel2(
         if PREFETCH:
             g_raw = tl.load(G + offs)
             u_raw = tl.load(U + offs)
-        acc = tl.zeros((BM, BN), tl.float32)
-        for ki in range(k_tiles):
-            acc = tl.dot(dy_d.load([om, ki * BK]), wd_d.load([ki * BK, on]), acc)
+        acc = _dh_tile(dy_d, wd_d, om, on, k_tiles, BM, BN, BK)
         if not PREFETCH:
             g_raw = tl.load(G + offs)
             u_raw = tl.load(U + offs)
-        dh = acc.to(tl.bfloat16).to(tl.float32)
-        g = g_raw.to(tl.float32)
-        u = u_raw.to(tl.float32)
-        s = tl.sigmoid(g)
-        silu = g * s
-        tl.store(DU + offs, (dh * silu).to(tl.bfloat16))
-        tl.store(DG + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(tl.bfloat16))
-        tl.store(HH + offs, silu.to(tl.bfloat16) * u_raw)
+        dg, du, h = _swiglu_backward_tile(acc, g_raw, u_raw)
+        tl.store(DG + offs, dg)
+        tl.store(DU + offs, du)
+        tl.store(HH + offs, h)
 
 
 @triton.jit
@@ -199,30 +209,11 @@ def dh_kernel3(
         on = pid_n * BN
         g_raw = g_d.load([om, on])
         u_raw = u_d.load([om, on])
-        acc = tl.zeros((BM, BN), tl.float32)
-        for ki in range(k_tiles):
-            acc = tl.dot(dy_d.load([om, ki * BK]), wd_d.load([ki * BK, on]), acc)
-        dh = acc.to(tl.bfloat16).to(tl.float32)
-        g = g_raw.to(tl.float32)
-        u = u_raw.to(tl.float32)
-        s = tl.sigmoid(g)
-        silu = g * s
-        du_d.store([om, on], (dh * silu).to(tl.bfloat16))
-        dg_d.store([om, on], (dh * u * s * (1.0 + g * (1.0 - s))).to(tl.bfloat16))
-        h_d.store([om, on], silu.to(tl.bfloat16) * u_raw)
-
-
-def ms(fn, iters=20, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
+        acc = _dh_tile(dy_d, wd_d, om, on, k_tiles, BM, BN, BK)
+        dg, du, h = _swiglu_backward_tile(acc, g_raw, u_raw)
+        dg_d.store([om, on], dg)
+        du_d.store([om, on], du)
+        h_d.store([om, on], h)
 
 
 def sustained(fns, seconds=4.0):
@@ -232,7 +223,7 @@ def sustained(fns, seconds=4.0):
         for f in fns.values():
             f()
         torch.cuda.synchronize()
-    return {k: round(ms(f, iters=30, warm=0), 4) for k, f in fns.items()}
+    return {k: round(cuda_ms(f, iters=30, warm=0), 4) for k, f in fns.items()}
 
 
 FWD_CFGS = [
@@ -437,7 +428,7 @@ def epilogue():
             cands_f.pop(f"tri_fwd_{cfg}", None)
     flop_f = 2 * M * H * 2 * INTER
     for phase in ("cold", "hot"):
-        res = {k: round(ms(f), 4) for k, f in cands_f.items()} if phase == "cold" else sustained(cands_f)
+        res = {k: round(cuda_ms(f), 4) for k, f in cands_f.items()} if phase == "cold" else sustained(cands_f)
         print(
             json.dumps(
                 {
@@ -476,7 +467,7 @@ def epilogue():
             cands_b.pop(f"tri_bwd_{cfg}", None)
     flop_b = 2 * M * H * INTER
     for phase in ("cold", "hot"):
-        res = {k: round(ms(f), 4) for k, f in cands_b.items()} if phase == "cold" else sustained(cands_b)
+        res = {k: round(cuda_ms(f), 4) for k, f in cands_b.items()} if phase == "cold" else sustained(cands_b)
         print(
             json.dumps(
                 {
