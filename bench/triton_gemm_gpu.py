@@ -120,7 +120,10 @@ def dh_kernel(
     NUM_SMS: tl.constexpr,
     EPI: tl.constexpr,
     FLAT: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
+    """dh = dY Wd, with EPI the SwiGLU backward in the epilogue through TMA (g and u loaded
+    before the K loop with PREFETCH); without EPI, dh itself into h_d."""
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
@@ -128,9 +131,15 @@ def dh_kernel(
         pid_m, pid_n = _pid(tile, num_pid_m, num_pid_n, GROUP_M)
         om = pid_m * BM
         on = pid_n * BN
+        if PREFETCH:
+            g_raw = g_d.load([om, on])
+            u_raw = u_d.load([om, on])
         acc = _dh_tile(dy_d, wd_d, om, on, k_tiles, BM, BN, BK)
         if EPI:
-            dg, du, h = _swiglu_backward_tile(acc, g_d.load([om, on]), u_d.load([om, on]))
+            if not PREFETCH:
+                g_raw = g_d.load([om, on])
+                u_raw = u_d.load([om, on])
+            dg, du, h = _swiglu_backward_tile(acc, g_raw, u_raw)
             dg_d.store([om, on], dg)
             du_d.store([om, on], du)
             h_d.store([om, on], h)
@@ -179,41 +188,6 @@ def dh_kernel2(
         tl.store(DG + offs, dg)
         tl.store(DU + offs, du)
         tl.store(HH + offs, h)
-
-
-@triton.jit
-def dh_kernel3(
-    dy_d,
-    wd_d,
-    g_d,
-    u_d,
-    dg_d,
-    du_d,
-    h_d,
-    M,
-    N,
-    K,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr,
-):
-    """TMA epilogue with g and u loaded before the K loop."""
-    num_pid_m = tl.cdiv(M, BM)
-    num_pid_n = tl.cdiv(N, BN)
-    k_tiles = tl.cdiv(K, BK)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS):
-        pid_m, pid_n = _pid(tile, num_pid_m, num_pid_n, GROUP_M)
-        om = pid_m * BM
-        on = pid_n * BN
-        g_raw = g_d.load([om, on])
-        u_raw = u_d.load([om, on])
-        acc = _dh_tile(dy_d, wd_d, om, on, k_tiles, BM, BN, BK)
-        dg, du, h = _swiglu_backward_tile(acc, g_raw, u_raw)
-        dg_d.store([om, on], dg)
-        du_d.store([om, on], du)
-        h_d.store([om, on], h)
 
 
 def sustained(fns, seconds=4.0):
@@ -351,7 +325,7 @@ def epilogue():
             gd, ud, dgd, dud, hd = (TensorDescriptor.from_tensor(t, [BM, BN]) for t in (g, u, dg, du, h))
 
             def run():
-                dh_kernel3[grid](
+                dh_kernel[grid](
                     dyd,
                     wdd,
                     gd,
@@ -367,6 +341,9 @@ def epilogue():
                     BK=BK,
                     GROUP_M=GM,
                     NUM_SMS=grid[0],
+                    EPI=True,
+                    FLAT=False,
+                    PREFETCH=True,
                     num_stages=stages,
                     num_warps=warps,
                 )
@@ -554,16 +531,6 @@ def triton_mm(a_store, b_store, a_mk, b_nk, cfg):
     return run
 
 
-def timed(fn, iters=10):
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
-
-
 CFGS = [(128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 256, 64, 16, 3, 8)]
 
 
@@ -602,7 +569,7 @@ def layers():
             samples = {k: [] for k in cands}
             for _ in range(8):
                 for k, f in cands.items():
-                    samples[k].append(timed(f))
+                    samples[k].append(cuda_ms(f, iters=10, warm=0))
             flop = 2 * a.shape[0 if a_mk else 1] * b.shape[0 if b_nk else 1] * a.shape[1 if a_mk else 0]
             med = {k: statistics.median(v) for k, v in samples.items()}
             print(
