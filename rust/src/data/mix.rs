@@ -282,9 +282,17 @@ pub fn default_total(rule: Mixing, sizes: &[f64]) -> u64 {
 /// flooring go to the largest fractional parts (ties: lower index).
 pub fn largest_remainder(shares: &[f64], total: u64) -> Vec<u64> {
     let exact: Vec<f64> = shares.iter().map(|p| p * total as f64).collect();
+    apportion(&exact, total)
+}
+
+/// Integer counts summing to `total`, each floor(exact_i) or one more, for quotas whose sum is
+/// within one unit per quota of `total` (as `largest_remainder`'s p_i * total are, and the rounded
+/// sum of any quotas is): the units left after flooring go to the largest fractional parts
+/// (ties: lower index).
+pub fn apportion(exact: &[f64], total: u64) -> Vec<u64> {
     let mut counts: Vec<u64> = exact.iter().map(|e| e.floor() as u64).collect();
     let assigned: u64 = counts.iter().sum();
-    let mut order: Vec<usize> = (0..shares.len()).collect();
+    let mut order: Vec<usize> = (0..exact.len()).collect();
     order.sort_by(|&a, &b| {
         let (fa, fb) = (exact[a] - exact[a].floor(), exact[b] - exact[b].floor());
         fb.total_cmp(&fa).then(a.cmp(&b))
@@ -369,9 +377,11 @@ pub fn targets(
             .zip(&mean)
             .map(|(q, l)| q * total as f64 / l)
             .collect();
+        // Apportioned from the quotas themselves, so each count is within one example of its
+        // quota (rescaling the quotas to the rounded total first could move one by half more).
         let drawn = needed.iter().sum::<f64>().round() as u64;
+        let counts = apportion(&needed, drawn);
         let example_shares = normalise(needed);
-        let counts = largest_remainder(&example_shares, drawn);
         Targets {
             example_shares,
             token_shares: shares,
@@ -976,6 +986,38 @@ mod tests {
         assert!(held.iter().all(|h| !kept.contains(h)));
         assert_eq!(split_positions(100, 10, 3, 0), (kept, held.clone()));
         assert_ne!(split_positions(100, 10, 3, 1).1, held);
+    }
+
+    #[test]
+    fn token_budget_counts_stay_within_one_example_of_their_quota() {
+        // proptest's case: the quotas sum to 22,405.46 and round to 22,405; rescaling them to that
+        // total before apportioning moved source 1's count by more than one example.
+        let examples = [3002u64, 4727, 4125];
+        let lens = [171u64, 36, 6];
+        let tokens: Vec<u64> = examples.iter().zip(&lens).map(|(n, l)| n * l).collect();
+        let weights = [5.378247530434944, 3.4185373073671816, 5.375366566361599];
+        let t = targets(
+            Mixing::Weights,
+            true,
+            &examples,
+            &tokens,
+            &[1.0; 3],
+            &weights,
+            Budget::Default,
+        );
+        let quotas: Vec<f64> = (0..3)
+            .map(|i| t.token_shares[i] * t.total as f64 / lens[i] as f64)
+            .collect();
+        assert_eq!(
+            t.counts.iter().sum::<u64>(),
+            quotas.iter().sum::<f64>().round() as u64
+        );
+        for (count, quota) in t.counts.iter().zip(&quotas) {
+            assert!(
+                (*count as f64 - quota).abs() < 1.0,
+                "{count} against {quota}"
+            );
+        }
     }
 
     proptest! {
