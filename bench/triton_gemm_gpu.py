@@ -190,6 +190,28 @@ def dh_kernel2(
         tl.store(HH + offs, h)
 
 
+def persistent(kernel, args, m, n, cfg, **flags):
+    """A launcher of `kernel` with one program per SM at most, walking the (m, n) output's tiles;
+    cfg = (BM, BN, BK, GROUP_M, stages, warps)."""
+    BM, BN, BK, GM, stages, warps = cfg
+    grid = (min(NUM_SMS, triton.cdiv(m, BM) * triton.cdiv(n, BN)),)
+
+    def run():
+        kernel[grid](
+            *args,
+            BM=BM,
+            BN=BN,
+            BK=BK,
+            GROUP_M=GM,
+            NUM_SMS=grid[0],
+            num_stages=stages,
+            num_warps=warps,
+            **flags,
+        )
+
+    return run
+
+
 def sustained(fns, seconds=4.0):
     """Alternate the candidates for `seconds` (so the chip reaches its power cap), then time each."""
     t0 = time.time()
@@ -255,124 +277,25 @@ def epilogue():
         wgd = TensorDescriptor.from_tensor(wg, [BN, BK])
         wud = TensorDescriptor.from_tensor(wu, [BN, BK])
         gd, ud, hd = (TensorDescriptor.from_tensor(t, [BM, BN]) for t in (g, u, h))
-        tiles = triton.cdiv(M, BM) * triton.cdiv(INTER, BN)
-        grid = (min(NUM_SMS, tiles),)
+        args = (xd, wgd, wud, gd, ud, hd, M, INTER, H)
+        return persistent(gate_up_kernel, args, M, INTER, (BM, BN, BK, GM, stages, warps), EPI=epi, FLAT=flat)
 
-        def run():
-            gate_up_kernel[grid](
-                xd,
-                wgd,
-                wud,
-                gd,
-                ud,
-                hd,
-                M,
-                INTER,
-                H,
-                BM=BM,
-                BN=BN,
-                BK=BK,
-                GROUP_M=GM,
-                NUM_SMS=grid[0],
-                EPI=epi,
-                FLAT=flat,
-                num_stages=stages,
-                num_warps=warps,
-            )
-
-        return run
-
-    def bwd_launcher(BM, BN, BK, GM, stages, warps, epi=True, flat=True):
+    def bwd_launcher(BM, BN, BK, GM, stages, warps, epi=True, flat=True, prefetch=False):
         dyd = TensorDescriptor.from_tensor(dy, [BM, BK])
         wdd = TensorDescriptor.from_tensor(wd, [BK, BN])
         gd, ud, dgd, dud, hd = (
             TensorDescriptor.from_tensor(t, [BM, BN]) for t in (g, u, dg, du, h if epi else dh)
         )
-        tiles = triton.cdiv(M, BM) * triton.cdiv(INTER, BN)
-        grid = (min(NUM_SMS, tiles),)
-
-        def run():
-            dh_kernel[grid](
-                dyd,
-                wdd,
-                gd,
-                ud,
-                dgd,
-                dud,
-                hd,
-                M,
-                INTER,
-                H,
-                BM=BM,
-                BN=BN,
-                BK=BK,
-                GROUP_M=GM,
-                NUM_SMS=grid[0],
-                EPI=epi,
-                FLAT=flat,
-                num_stages=stages,
-                num_warps=warps,
-            )
-
-        return run
+        args = (dyd, wdd, gd, ud, dgd, dud, hd, M, INTER, H)
+        cfg = (BM, BN, BK, GM, stages, warps)
+        return persistent(dh_kernel, args, M, INTER, cfg, EPI=epi, FLAT=flat, PREFETCH=prefetch)
 
     def bwd2_launcher(BM, BN, BK, GM, stages, warps, kind):
         dyd = TensorDescriptor.from_tensor(dy, [BM, BK])
         wdd = TensorDescriptor.from_tensor(wd, [BK, BN])
-        tiles = triton.cdiv(M, BM) * triton.cdiv(INTER, BN)
-        grid = (min(NUM_SMS, tiles),)
-        if kind == "tma_pre":
-            gd, ud, dgd, dud, hd = (TensorDescriptor.from_tensor(t, [BM, BN]) for t in (g, u, dg, du, h))
-
-            def run():
-                dh_kernel[grid](
-                    dyd,
-                    wdd,
-                    gd,
-                    ud,
-                    dgd,
-                    dud,
-                    hd,
-                    M,
-                    INTER,
-                    H,
-                    BM=BM,
-                    BN=BN,
-                    BK=BK,
-                    GROUP_M=GM,
-                    NUM_SMS=grid[0],
-                    EPI=True,
-                    FLAT=False,
-                    PREFETCH=True,
-                    num_stages=stages,
-                    num_warps=warps,
-                )
-
-            return run
-
-        def run():
-            dh_kernel2[grid](
-                dyd,
-                wdd,
-                g,
-                u,
-                dg,
-                du,
-                h,
-                M,
-                INTER,
-                H,
-                BM=BM,
-                BN=BN,
-                BK=BK,
-                GROUP_M=GM,
-                NUM_SMS=grid[0],
-                PREFETCH=kind == "ptr_pre",
-                num_stages=stages,
-                num_warps=warps,
-            )
-
-        return run
+        args = (dyd, wdd, g, u, dg, du, h, M, INTER, H)
+        cfg = (BM, BN, BK, GM, stages, warps)
+        return persistent(dh_kernel2, args, M, INTER, cfg, PREFETCH=kind == "ptr_pre")
 
     # correctness
     rg, ru, rh = ref_fwd()
@@ -424,11 +347,11 @@ def epilogue():
         BM, BN, BK, GM, st, wp = map(int, parts[:6])
         kind = parts[6]
         try:
-            if kind in ("ptr", "ptr_pre", "tma_pre"):
+            if kind in ("ptr", "ptr_pre"):  # pointer epilogue
                 cands_b[f"tri_bwd_{cfg}"] = bwd2_launcher(BM, BN, BK, GM, st, wp, kind)
-            else:
+            else:  # TMA epilogue ("epi", "tma_pre": g and u loaded before the K loop) or none
                 cands_b[f"tri_bwd_{cfg}"] = bwd_launcher(
-                    BM, BN, BK, GM, st, wp, epi=kind != "noepi", flat=False
+                    BM, BN, BK, GM, st, wp, epi=kind != "noepi", flat=False, prefetch=kind == "tma_pre"
                 )
             cands_b[f"tri_bwd_{cfg}"]()
             torch.cuda.synchronize()
@@ -497,7 +420,7 @@ def mm_kernel(
 
 def triton_mm(a_store, b_store, a_mk, b_nk, cfg):
     """C = A @ B with A given as stored [M,K] (a_mk) or [K,M], B as stored [N,K] (b_nk) or [K,N]."""
-    BM, BN, BK, GM, stages, warps = cfg
+    BM, BN, BK = cfg[:3]
     M = a_store.shape[0] if a_mk else a_store.shape[1]
     K = a_store.shape[1] if a_mk else a_store.shape[0]
     N = b_store.shape[0] if b_nk else b_store.shape[1]
@@ -505,27 +428,10 @@ def triton_mm(a_store, b_store, a_mk, b_nk, cfg):
     ad = TensorDescriptor.from_tensor(a_store, [BM, BK] if a_mk else [BK, BM])
     bd = TensorDescriptor.from_tensor(b_store, [BN, BK] if b_nk else [BK, BN])
     cd = TensorDescriptor.from_tensor(c, [BM, BN])
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BN)),)
+    launch = persistent(mm_kernel, (ad, bd, cd, M, N, K), M, N, cfg, A_MK=a_mk, B_NK=b_nk)
 
     def run():
-        mm_kernel[grid](
-            ad,
-            bd,
-            cd,
-            M,
-            N,
-            K,
-            BM=BM,
-            BN=BN,
-            BK=BK,
-            GROUP_M=GM,
-            NUM_SMS=grid[0],
-            A_MK=a_mk,
-            B_NK=b_nk,
-            num_stages=stages,
-            num_warps=warps,
-        )
+        launch()
         return c
 
     return run
